@@ -1,0 +1,33 @@
+import keras
+from keras import ops
+
+from ibot_keras.layers.initializers import linear_kernel_init
+
+
+@keras.saving.register_keras_serializable(package="ibot_keras")
+class Mlp(keras.layers.Layer):
+    """Transformer MLP ``fc1 -> GELU (exact, erf) -> fc2``: ``(..., D) -> (..., D)``."""
+
+    def __init__(self, dim, hidden_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.hidden_dim = int(hidden_dim)
+        self.fc1 = keras.layers.Dense(
+            self.hidden_dim, kernel_initializer=linear_kernel_init(), name="fc1"
+        )
+        self.fc2 = keras.layers.Dense(
+            self.dim, kernel_initializer=linear_kernel_init(), name="fc2"
+        )
+
+    def build(self, input_shape=None):
+        self.fc1.build((None, None, self.dim))
+        self.fc2.build((None, None, self.hidden_dim))
+        self.built = True
+
+    def call(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dim=self.dim, hidden_dim=self.hidden_dim)
+        return config

@@ -1,0 +1,229 @@
+"""The iBOT loss: [CLS] self-distillation across views + masked patch self-distillation."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from ibot_keras import backend_specific
+from ibot_keras.schedules import teacher_temperature_schedule
+
+
+@keras.saving.register_keras_serializable(package="ibot_keras")
+class IBOTLoss(keras.layers.Layer):
+    """iBOT loss with EMA centers and per-epoch teacher temperature warmups (official
+    ``iBOTLoss``), usable on its own::
+
+        out = loss(student_cls, student_patch, teacher_cls, teacher_patch,
+                   student_local_cls, masks, epoch, update_center=True)
+
+    Shapes are batch-first: ``student_cls``/``teacher_cls`` ``(B, ng, K)``, ``student_patch``/
+    ``teacher_patch`` ``(B, ng, N, Kp)``, ``student_local_cls`` ``(B, nl, K)`` or ``None``,
+    ``masks`` ``(B, ng, N)`` (or ``(B, ng, h, w)``) bool. Student outputs come from the
+    *masked* global crops, teacher outputs from the unmasked ones. Returns
+    ``{"cls", "patch", "loss"}`` (lambdas applied, ``loss = cls + patch``).
+
+    - CLS term: cross-entropy of every student view ``v`` against every teacher global view
+      ``q != v``, averaged over the batch, summed over pairs, divided by ``ng*(ng+nl) - ng``.
+    - Patch term: per image, the mean cross-entropy over its masked patches (0 for an image
+      without masked patches), averaged over *all* images, summed over the ``ng`` views and
+      divided by ``ng``. Computed with static shapes (no gather on masks).
+    - After the loss, ``center`` ``(1, K)`` and ``patch_center`` ``(1, 1, Kp)`` move by EMA
+      towards the mean raw teacher CLS logits and the mean of per-image mean patch logits
+      (all patches), over the global batch. A non-finite batch leaves them unchanged.
+
+    Teacher temperatures are chosen by ``epoch`` (int or scalar tensor) from the official
+    tables ``teacher_temp_schedule`` / ``teacher_patch_temp_schedule``; epochs past the end use
+    the last value.
+    """
+
+    def __init__(
+        self,
+        out_dim,
+        patch_out_dim,
+        num_global_crops,
+        num_local_crops,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_patch_temp,
+        teacher_patch_temp,
+        warmup_teacher_temp_epochs,
+        epochs,
+        student_temp=0.1,
+        center_momentum=0.9,
+        patch_center_momentum=0.9,
+        lambda1=1.0,
+        lambda2=1.0,
+        mim_start_epoch=0,
+        **kwargs,
+    ):
+        kwargs["dtype"] = "float32"
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        self.out_dim = int(out_dim)
+        self.patch_out_dim = int(patch_out_dim)
+        self.num_global_crops = int(num_global_crops)
+        self.num_local_crops = int(num_local_crops)
+        self.warmup_teacher_temp = float(warmup_teacher_temp)
+        self.teacher_temp = float(teacher_temp)
+        self.warmup_teacher_patch_temp = float(warmup_teacher_patch_temp)
+        self.teacher_patch_temp = float(teacher_patch_temp)
+        self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
+        self.epochs = int(epochs)
+        self.student_temp = float(student_temp)
+        self.center_momentum = float(center_momentum)
+        self.patch_center_momentum = float(patch_center_momentum)
+        self.lambda1 = float(lambda1)
+        self.lambda2 = float(lambda2)
+        self.mim_start_epoch = int(mim_start_epoch)
+        if self.num_global_crops < 1:
+            raise ValueError("num_global_crops must be >= 1.")
+        if self.num_global_crops == 1 and self.num_local_crops == 0:
+            raise ValueError("With one global crop and no local crops the CLS loss has no pair.")
+
+        self.teacher_temp_schedule = teacher_temperature_schedule(
+            self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs, self.epochs
+        )
+        self.teacher_patch_temp_schedule = teacher_temperature_schedule(
+            self.warmup_teacher_patch_temp,
+            self.teacher_patch_temp,
+            self.warmup_teacher_temp_epochs,
+            self.epochs,
+            start_epoch=self.mim_start_epoch,
+        )
+        self.center = self.add_weight(
+            name="center", shape=(1, self.out_dim), initializer="zeros", trainable=False
+        )
+        self.patch_center = self.add_weight(
+            name="patch_center",
+            shape=(1, 1, self.patch_out_dim),
+            initializer="zeros",
+            trainable=False,
+        )
+        self.built = True
+
+    # -- temperatures -----------------------------------------------------------------------
+    def temperatures(self, epoch):
+        """``(teacher_temp, teacher_patch_temp)`` float32 scalars for ``epoch``."""
+        index = ops.minimum(ops.cast(epoch, "int32"), self.epochs - 1)
+        temps = ops.take(
+            ops.convert_to_tensor(self.teacher_temp_schedule.astype("float32")), index
+        )
+        patch_temps = ops.take(
+            ops.convert_to_tensor(self.teacher_patch_temp_schedule.astype("float32")), index
+        )
+        return temps, patch_temps
+
+    # -- checks -----------------------------------------------------------------------------
+    def _check_shapes(self, student_cls, student_patch, teacher_cls, teacher_patch, local, masks):
+        ng, nl = self.num_global_crops, self.num_local_crops
+
+        def expect(name, tensor, rank, dims):
+            shape = tuple(tensor.shape)
+            if len(shape) != rank or any(d is not None and s is not None and s != d for s, d in zip(shape, dims)):
+                want = ", ".join("B" if d is None else str(d) for d in dims)
+                raise ValueError(f"IBOTLoss: {name} must have shape ({want}); got {shape}.")
+
+        expect("student_cls", student_cls, 3, (None, ng, self.out_dim))
+        expect("teacher_cls", teacher_cls, 3, (None, ng, self.out_dim))
+        num_patches = student_patch.shape[2] if len(student_patch.shape) == 4 else None
+        expect("student_patch", student_patch, 4, (None, ng, num_patches, self.patch_out_dim))
+        expect("teacher_patch", teacher_patch, 4, (None, ng, num_patches, self.patch_out_dim))
+        if nl:
+            if local is None:
+                raise ValueError(f"IBOTLoss was built for {nl} local crops but student_local_cls is None.")
+            expect("student_local_cls", local, 3, (None, nl, self.out_dim))
+        elif local is not None and local.shape[1] != 0:
+            raise ValueError("IBOTLoss was built with num_local_crops=0 but student_local_cls was given.")
+        if len(masks.shape) == 4:
+            masks = ops.reshape(masks, (-1, ng, masks.shape[2] * masks.shape[3]))
+        expect("masks", masks, 3, (None, ng, num_patches))
+        return masks
+
+    # -- loss -------------------------------------------------------------------------------
+    def call(
+        self,
+        student_cls,
+        student_patch,
+        teacher_cls,
+        teacher_patch,
+        student_local_cls=None,
+        masks=None,
+        epoch=0,
+        update_center=True,
+    ):
+        ng = self.num_global_crops
+        if masks is None:
+            raise ValueError("IBOTLoss needs the masks of the global crops, (B, ng, N) bool.")
+        masks = self._check_shapes(
+            student_cls, student_patch, teacher_cls, teacher_patch, student_local_cls, masks
+        )
+        temp, patch_temp = self.temperatures(epoch)
+        f32 = lambda t: ops.cast(t, "float32")  # noqa: E731
+        teacher_cls = ops.stop_gradient(f32(teacher_cls))
+        teacher_patch = ops.stop_gradient(f32(teacher_patch))
+
+        # CLS term over all (teacher global view q, student view v != q) pairs.
+        student_views = f32(student_cls)
+        if self.num_local_crops:
+            student_views = ops.concatenate([student_views, f32(student_local_cls)], axis=1)
+        student_logp = ops.log_softmax(student_views / self.student_temp, axis=-1)  # (B, V, K)
+        teacher_p = ops.softmax((teacher_cls - ops.convert_to_tensor(self.center)) / temp, axis=-1)  # (B, ng, K)
+        ce = -ops.einsum("bqk,bvk->bqv", teacher_p, student_logp)  # (B, ng, V)
+        same_view = ops.convert_to_tensor(
+            np.eye(ng, ng + self.num_local_crops, dtype="float32")
+        )
+        num_pairs = ng * (ng + self.num_local_crops) - ng
+        cls_per_image = ops.sum(ce * (1.0 - same_view), axis=(1, 2)) / num_pairs
+        loss_cls = self.lambda1 * ops.mean(cls_per_image)
+
+        # Patch term on masked tokens of the same view.
+        student_patch_logp = ops.log_softmax(f32(student_patch) / self.student_temp, axis=-1)
+        teacher_patch_p = ops.softmax(
+            (teacher_patch - ops.convert_to_tensor(self.patch_center)) / patch_temp, axis=-1)
+        patch_ce = -ops.sum(teacher_patch_p * student_patch_logp, axis=-1)  # (B, ng, N)
+        weights = f32(masks)
+        masked = ops.sum(weights, axis=-1)
+        per_view = ops.sum(patch_ce * weights, axis=-1) / ops.maximum(masked, 1.0)  # (B, ng)
+        loss_patch = self.lambda2 * ops.mean(ops.sum(per_view, axis=1)) / ng
+
+        if update_center:
+            self.update_center(teacher_cls, teacher_patch)
+        return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
+
+    def update_center(self, teacher_cls, teacher_patch):
+        """EMA of the centers from raw teacher logits ``(B, ng, K)`` and ``(B, ng, N, Kp)``."""
+        batch_center = ops.mean(teacher_cls, axis=(0, 1))[None]  # (1, K)
+        batch_patch_center = ops.mean(ops.mean(teacher_patch, axis=2), axis=(0, 1))[None, None]
+        batch_center = backend_specific.cross_replica_mean(batch_center)
+        batch_patch_center = backend_specific.cross_replica_mean(batch_patch_center)
+        for variable, batch_value, momentum in (
+            (self.center, batch_center, self.center_momentum),
+            (self.patch_center, batch_patch_center, self.patch_center_momentum),
+        ):
+            old = ops.convert_to_tensor(variable)
+            new = old * momentum + batch_value * (1.0 - momentum)
+            variable.assign(ops.where(ops.all(ops.isfinite(new)), new, old))
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("dtype", "autocast"):
+            config.pop(key, None)
+        config.update(
+            out_dim=self.out_dim,
+            patch_out_dim=self.patch_out_dim,
+            num_global_crops=self.num_global_crops,
+            num_local_crops=self.num_local_crops,
+            warmup_teacher_temp=self.warmup_teacher_temp,
+            teacher_temp=self.teacher_temp,
+            warmup_teacher_patch_temp=self.warmup_teacher_patch_temp,
+            teacher_patch_temp=self.teacher_patch_temp,
+            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
+            epochs=self.epochs,
+            student_temp=self.student_temp,
+            center_momentum=self.center_momentum,
+            patch_center_momentum=self.patch_center_momentum,
+            lambda1=self.lambda1,
+            lambda2=self.lambda2,
+            mim_start_epoch=self.mim_start_epoch,
+        )
+        return config

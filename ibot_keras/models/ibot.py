@@ -1,0 +1,341 @@
+"""The iBOT pretrainer: student and EMA teacher, the loss, and the training step."""
+
+import keras
+from keras import ops
+
+from ibot_keras.backend_specific import PostOptimizerStep
+from ibot_keras.losses import IBOTLoss
+from ibot_keras.metrics import LastValue
+from ibot_keras.models.head import IBOTHead
+from ibot_keras.models.vit import VisionTransformer
+from ibot_keras.schedules import CosineSchedule
+
+
+def _schedule_value(schedule, step):
+    if schedule is None:
+        return None
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) or callable(schedule):
+        return ops.cast(schedule(step), "float32")
+    return ops.cast(schedule, "float32")
+
+
+@keras.saving.register_keras_serializable(package="ibot_keras")
+class IBOT(PostOptimizerStep, keras.Model):
+    """iBOT pretraining as a ``keras.Model``: ``model.fit(dataset)`` runs the official step.
+
+    Batches are dicts: ``"global_crops"`` ``(B, ng, H, W, C)``, ``"local_crops"``
+    ``(B, nl, h, w, C)`` (absent when ``nl == 0``) and ``"masks"`` ``(B, ng, H/p, W/p)`` bool
+    (absent means nothing is masked).
+
+    One training step, all inside the compiled step:
+    1. teacher (backbone + head, no gradient) on the unmasked global crops;
+    2. student on the masked global crops (CLS + patch logits) and on the local crops (CLS);
+    3. ``IBOTLoss`` with the temperatures of the current epoch, then both centers;
+    4. gradients and the optimizer (``IBOTAdamW``: per-parameter clip, last-layer freeze,
+       scheduled lr and weight decay);
+    5. teacher <- m * teacher + (1 - m) * student for every parameter present in both
+       (the student-only mask token is not), with the cosine momentum ``m`` of this step;
+       then ``step += 1``.
+
+    The step counter, both centers and the teacher are model variables (saved with the
+    weights); ``epoch = step // steps_per_epoch`` picks the teacher temperatures.
+    """
+
+    def __init__(
+        self,
+        student_backbone,
+        student_head,
+        teacher_backbone,
+        teacher_head,
+        ibot_loss,
+        steps_per_epoch,
+        momentum_teacher=0.996,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        deserialize = keras.saving.deserialize_keras_object
+        if isinstance(student_backbone, dict):
+            student_backbone = deserialize(student_backbone)
+            student_head = deserialize(student_head)
+            teacher_backbone = deserialize(teacher_backbone)
+            teacher_head = deserialize(teacher_head)
+            ibot_loss = deserialize(ibot_loss)
+        self.student_backbone = student_backbone
+        self.student_head = student_head
+        self.teacher_backbone = teacher_backbone
+        self.teacher_head = teacher_head
+        self.ibot_loss = ibot_loss
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.momentum_teacher = float(momentum_teacher)
+        self.epochs = ibot_loss.epochs
+        self.num_global_crops = ibot_loss.num_global_crops
+        self.num_local_crops = ibot_loss.num_local_crops
+        self._check_components()
+        self._check_unique_paths()
+
+        for head, backbone in ((student_head, student_backbone), (teacher_head, teacher_backbone)):
+            if not head.built:
+                head.build((None, backbone.embed_dim))
+        self.teacher_backbone.trainable = False
+        self.teacher_head.trainable = False
+        self.momentum_schedule = CosineSchedule(
+            self.momentum_teacher, 1.0, self.epochs, self.steps_per_epoch
+        )
+        self.step = self.add_weight(
+            name="step", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+        self.cls_tracker = keras.metrics.Mean(name="cls")
+        self.patch_tracker = keras.metrics.Mean(name="patch")
+        self.lr_tracker = LastValue(name="lr")
+        self.wd_tracker = LastValue(name="wd")
+        self.teacher_temp_tracker = LastValue(name="teacher_temp")
+        self.momentum_tracker = LastValue(name="teacher_momentum")
+        self._ema_pairs = self._pair_teacher_with_student()
+        self.copy_student_to_teacher()
+        self.built = True
+
+    # -- construction -----------------------------------------------------------------------
+    def _check_components(self):
+        sb, tb = self.student_backbone, self.teacher_backbone
+        sh, th, loss = self.student_head, self.teacher_head, self.ibot_loss
+        for attr in ("patch_size", "embed_dim", "depth", "num_heads", "image_size"):
+            if getattr(sb, attr) != getattr(tb, attr):
+                raise ValueError(
+                    f"Student and teacher backbones differ in {attr}: "
+                    f"{getattr(sb, attr)} vs {getattr(tb, attr)}."
+                )
+        if sh.out_dim != th.out_dim or sh.out_dim != loss.out_dim:
+            raise ValueError(
+                f"out_dim differs: student head {sh.out_dim}, teacher head {th.out_dim}, "
+                f"loss {loss.out_dim}."
+            )
+        if not (sh.patch_out_dim == th.patch_out_dim == loss.patch_out_dim):
+            raise ValueError(
+                "Patch output sizes differ: student head "
+                f"{sh.patch_out_dim}, teacher head {th.patch_out_dim}, loss {loss.patch_out_dim}. "
+                "A shared head (shared_head=True) forces patch_out_dim = out_dim; with an unshared "
+                "student and a shared teacher, patch_out_dim must equal out_dim (official issue #4)."
+            )
+        if not sb.use_mask_token:
+            raise ValueError("The student backbone needs use_mask_token=True for masked image modeling.")
+
+    def _check_unique_paths(self):
+        seen = {}
+        for layer in (self.student_backbone, self.student_head, self.teacher_backbone, self.teacher_head):
+            for variable in layer.weights:
+                other = seen.setdefault(variable.path, layer)
+                if other is not layer:
+                    raise ValueError(
+                        f"Two components share the variable path {variable.path!r} ({other.name} and "
+                        f"{layer.name}). Give the student and teacher backbones and heads different "
+                        "names (e.g. name='student_backbone' / 'teacher_backbone')."
+                    )
+
+    def student_weights(self, include_aliases=False):
+        """``[(official name, variable, layout)]`` of the student (``backbone.*``, ``head.*``)."""
+        return [("backbone." + n, v, l) for n, v, l in self.student_backbone.official_weights()] + [
+            ("head." + n, v, l) for n, v, l in self.student_head.official_weights(include_aliases)
+        ]
+
+    def teacher_weights(self, include_aliases=False):
+        """``[(official name, variable, layout)]`` of the teacher."""
+        return [("backbone." + n, v, l) for n, v, l in self.teacher_backbone.official_weights()] + [
+            ("head." + n, v, l) for n, v, l in self.teacher_head.official_weights(include_aliases)
+        ]
+
+    def _pair_teacher_with_student(self):
+        # Official EMA: every parameter name present in both named_parameters() lists.
+        student = {name: var for name, var, _ in self.student_weights()}
+        pairs = []
+        for name, teacher_var, _ in self.teacher_weights():
+            if name in student:
+                if tuple(student[name].shape) != tuple(teacher_var.shape):
+                    raise ValueError(
+                        f"Teacher and student shapes differ for {name}: "
+                        f"{teacher_var.shape} vs {student[name].shape}."
+                    )
+                pairs.append((student[name], teacher_var))
+        return pairs
+
+    def copy_student_to_teacher(self):
+        """Initialise the teacher from the student like the official
+        ``teacher.load_state_dict(student.state_dict(), strict=False)``: state-dict entries in
+        order, shared-head aliases included (so with an unshared student and a shared teacher
+        the teacher's prototypes start as the student's ``last_layer2``)."""
+        student = {name: var for name, var, _ in self.student_weights(include_aliases=True)}
+        for name, teacher_var, _ in self.teacher_weights(include_aliases=True):
+            if name in student:
+                teacher_var.assign(student[name])
+
+    def last_layer_variables(self):
+        """Student variables frozen during the first ``freeze_last_layer`` epochs."""
+        return [var for name, var, _ in self.student_weights() if "last_layer" in name]
+
+    def compile(self, optimizer="adamw", **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if hasattr(inner, "freeze_variables"):
+            inner.freeze_variables(self.last_layer_variables())
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _unpack(self, inputs):
+        if not isinstance(inputs, dict):
+            raise ValueError(
+                "IBOT expects a dict batch with 'global_crops' (B, ng, H, W, C), 'local_crops' "
+                f"(B, nl, h, w, C) and 'masks' (B, ng, H/p, W/p); got {type(inputs).__name__}."
+            )
+        unknown = set(inputs) - {"global_crops", "local_crops", "masks"}
+        if unknown:
+            raise ValueError(f"Unknown batch keys {sorted(unknown)}; expected global_crops, local_crops, masks.")
+        if "global_crops" not in inputs:
+            raise ValueError("The batch has no 'global_crops' (B, ng, H, W, C).")
+        global_crops = inputs["global_crops"]
+        shape = tuple(global_crops.shape)
+        ng, nl, p = self.num_global_crops, self.num_local_crops, self.student_backbone.patch_size
+        channels = self.student_backbone.in_channels
+        if len(shape) != 5 or shape[-1] != channels:
+            raise ValueError(
+                f"'global_crops' must be (B, ng, H, W, {channels}) channels-last; got shape {shape}."
+            )
+        if shape[1] != ng:
+            raise ValueError(
+                f"'global_crops' has {shape[1]} crops per image but the model was configured with "
+                f"global_crops_number={ng}."
+            )
+        if shape[2] % p or shape[3] % p:
+            raise ValueError(
+                f"Global crop size {shape[2]}x{shape[3]} is not a multiple of patch_size={p}."
+            )
+        rows, cols = shape[2] // p, shape[3] // p
+        masks = inputs.get("masks")
+        if masks is None:
+            masks = ops.zeros((ops.shape(global_crops)[0], ng, rows, cols), "bool")
+        elif tuple(masks.shape[1:]) != (ng, rows, cols):
+            raise ValueError(
+                f"'masks' must be (B, {ng}, {rows}, {cols}) for {shape[2]}x{shape[3]} global crops "
+                f"with patch_size={p}; got shape {tuple(masks.shape)}."
+            )
+        masks = ops.cast(masks, "bool")
+        local_crops = inputs.get("local_crops")
+        if nl:
+            if local_crops is None:
+                raise ValueError(
+                    f"The model was configured with local_crops_number={nl} but the batch has no "
+                    "'local_crops'."
+                )
+            lshape = tuple(local_crops.shape)
+            if len(lshape) != 5 or lshape[-1] != channels:
+                raise ValueError(
+                    f"'local_crops' must be (B, nl, h, w, {channels}) channels-last; got shape {lshape}."
+                )
+            if lshape[1] != nl:
+                raise ValueError(
+                    f"'local_crops' has {lshape[1]} crops per image but the model was configured "
+                    f"with local_crops_number={nl}."
+                )
+            if lshape[2] % p or lshape[3] % p:
+                raise ValueError(
+                    f"Local crop size {lshape[2]}x{lshape[3]} is not a multiple of patch_size={p}."
+                )
+        elif local_crops is not None and local_crops.shape[1]:
+            raise ValueError(
+                "The batch has 'local_crops' but the model was configured with local_crops_number=0."
+            )
+        return global_crops, (local_crops if nl else None), masks
+
+    # -- forward ----------------------------------------------------------------------------
+    def call(self, inputs, training=False):
+        global_crops, local_crops, masks = self._unpack(inputs)
+        batch = ops.shape(global_crops)[0]
+        ng, nl = self.num_global_crops, self.num_local_crops
+        _, _, height, width, channels = global_crops.shape
+        rows, cols = masks.shape[2], masks.shape[3]
+        flat_globals = ops.reshape(global_crops, (-1, height, width, channels))
+
+        teacher_cls, teacher_patch = self.teacher_head(
+            self.teacher_backbone(flat_globals, training=False)
+        )
+        student_cls, student_patch = self.student_head(
+            self.student_backbone(
+                flat_globals, masks=ops.reshape(masks, (-1, rows, cols)), training=training
+            )
+        )
+        outputs = {
+            "student_cls": ops.reshape(student_cls, (batch, ng, -1)),
+            "student_patch": ops.reshape(student_patch, (batch, ng, rows * cols, -1)),
+            "teacher_cls": ops.stop_gradient(ops.reshape(teacher_cls, (batch, ng, -1))),
+            "teacher_patch": ops.stop_gradient(
+                ops.reshape(teacher_patch, (batch, ng, rows * cols, -1))
+            ),
+            "masks": ops.reshape(masks, (batch, ng, rows * cols)),
+        }
+        if nl:
+            _, _, lh, lw, _ = local_crops.shape
+            local_tokens = self.student_backbone(
+                ops.reshape(local_crops, (-1, lh, lw, channels)), training=training
+            )
+            # The head is row-wise: running it on the CLS tokens only gives the official CLS
+            # logits without the discarded local patch logits.
+            local_cls = self.student_head(local_tokens[:, 0])
+            outputs["student_local_cls"] = ops.reshape(local_cls, (batch, nl, -1))
+        return outputs
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        step = ops.convert_to_tensor(self.step)
+        epoch = step // self.steps_per_epoch
+        out = self.ibot_loss(
+            y_pred["student_cls"],
+            y_pred["student_patch"],
+            y_pred["teacher_cls"],
+            y_pred["teacher_patch"],
+            y_pred.get("student_local_cls"),
+            y_pred["masks"],
+            epoch=epoch,
+            update_center=training,
+        )
+        self.cls_tracker.update_state(out["cls"])
+        self.patch_tracker.update_state(out["patch"])
+        temp, _ = self.ibot_loss.temperatures(epoch)
+        self.teacher_temp_tracker.update_state(temp)
+        self.momentum_tracker.update_state(1.0 - self.momentum_schedule.one_minus(step))
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if inner is not None:
+            self.lr_tracker.update_state(_schedule_value(inner._learning_rate, step))
+            wd = getattr(inner, "weight_decay_value", getattr(inner, "weight_decay", None))
+            if wd is not None:
+                self.wd_tracker.update_state(_schedule_value(wd, step))
+        return out["loss"]
+
+    def after_optimizer_step(self):
+        """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step)."""
+        step = ops.convert_to_tensor(self.step)
+        one_minus_m = self.momentum_schedule.one_minus(step)
+        momentum = 1.0 - one_minus_m
+        for student_var, teacher_var in self._ema_pairs:
+            student_value = ops.stop_gradient(ops.convert_to_tensor(student_var))
+            teacher_var.assign(
+                ops.convert_to_tensor(teacher_var) * momentum + student_value * one_minus_m
+            )
+        self.step.assign(step + 1)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self.optimizer is None:
+            return [m for m in metrics if m not in (self.lr_tracker, self.wd_tracker)]
+        return metrics
+
+    # -- serialization ------------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        serialize = keras.saving.serialize_keras_object
+        config.update(
+            student_backbone=serialize(self.student_backbone),
+            student_head=serialize(self.student_head),
+            teacher_backbone=serialize(self.teacher_backbone),
+            teacher_head=serialize(self.teacher_head),
+            ibot_loss=serialize(self.ibot_loss),
+            steps_per_epoch=self.steps_per_epoch,
+            momentum_teacher=self.momentum_teacher,
+        )
+        return config

@@ -1,0 +1,267 @@
+"""The iBOT Vision Transformer: mask token, official position interpolation, drop path."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from ibot_keras.layers.initializers import linear_kernel_init
+from ibot_keras.layers.patch_embedding import PatchEmbedding
+from ibot_keras.layers.position_embedding import interpolate_position_embedding
+from ibot_keras.layers.transformer_block import TransformerBlock
+
+# Official sizes (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv_bias.
+VIT_SIZES = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+@keras.saving.register_keras_serializable(package="ibot_keras")
+class VisionTransformer(keras.Model):
+    """ViT backbone with the official iBOT/DINO semantics.
+
+    Call: ``vit(images, masks=None, training=False)`` with ``images`` ``(B, H, W, C)``
+    channels-last (any ``H``, ``W`` that are multiples of ``patch_size``) and optional ``masks``
+    ``(B, H/p, W/p)`` bool (needs ``use_mask_token=True``) returns every token
+    ``(B, 1 + N, D)`` after the final LayerNorm; the CLS token is ``[:, 0]``.
+
+    Masked patch embeddings are replaced by ``masked_embed`` (zeros at init) before the CLS
+    token and the (interpolated) position embedding are added. Stochastic depth rates rise
+    linearly from 0 in block 0 to ``drop_path_rate`` in the last block.
+    """
+
+    def __init__(
+        self,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        use_mask_token=False,
+        image_size=224,
+        in_channels=3,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.patch_size = int(patch_size)
+        self.embed_dim = int(embed_dim)
+        self.depth = int(depth)
+        self.num_heads = int(num_heads)
+        self.mlp_ratio = float(mlp_ratio)
+        self.qkv_bias = bool(qkv_bias)
+        self.drop_path_rate = float(drop_path_rate)
+        self.use_mask_token = bool(use_mask_token)
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.seed = seed
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of patch_size={patch_size}."
+            )
+        self.grid_size = self.image_size // self.patch_size
+        self.num_patches = self.grid_size**2
+
+        self.patch_embed = PatchEmbedding(
+            self.patch_size, self.embed_dim, self.in_channels, name="patch_embed"
+        )
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        self.blocks = [
+            TransformerBlock(
+                self.embed_dim,
+                self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias,
+                drop_path_rate=float(rates[i]),
+                seed=None if seed is None else seed + i,
+                name=f"blocks_{i}",
+            )
+            for i in range(self.depth)
+        ]
+        self.norm = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")
+        self.build()
+
+    def build(self, input_shape=None):
+        # Keras runs build() inside this layer's name scope, so every sublayer variable gets a
+        # unique path (student/teacher/...): PyTorch registers parameters by path.
+        self.cls_token = self.add_weight(
+            name="cls_token", shape=(1, 1, self.embed_dim), initializer=linear_kernel_init()
+        )
+        self.pos_embed = self.add_weight(
+            name="pos_embed",
+            shape=(1, 1 + self.num_patches, self.embed_dim),
+            initializer=linear_kernel_init(),
+        )
+        self.masked_embed = None
+        if self.use_mask_token:
+            self.masked_embed = self.add_weight(
+                name="masked_embed", shape=(1, self.embed_dim), initializer="zeros"
+            )
+        self.patch_embed.build((None, self.image_size, self.image_size, self.in_channels))
+        for block in self.blocks:
+            block.build((None, None, self.embed_dim))
+        self.norm.build((None, None, self.embed_dim))
+        self.built = True
+
+    # -- input checks ---------------------------------------------------------------------
+    def _check_images(self, images):
+        shape = tuple(images.shape)
+        if len(shape) != 4:
+            raise ValueError(
+                f"Images must be (batch, height, width, {self.in_channels}) channels-last; got a "
+                f"tensor of rank {len(shape)} with shape {shape}."
+            )
+        if shape[-1] != self.in_channels:
+            raise ValueError(
+                f"Images must have {self.in_channels} channels in the last axis (channels-last); "
+                f"got shape {shape}."
+            )
+        height, width = shape[1], shape[2]
+        if height is None or width is None:
+            raise ValueError(f"Image height and width must be static; got shape {shape}.")
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Crop size {height}x{width} is not a multiple of patch_size={self.patch_size}."
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def _check_masks(self, masks, rows, cols):
+        if not self.use_mask_token:
+            raise ValueError(
+                "Masks were given to a VisionTransformer built with use_mask_token=False."
+            )
+        shape = tuple(masks.shape)
+        if shape[1:] == (rows, cols):
+            return ops.reshape(masks, (-1, rows * cols))
+        if shape[1:] == (rows * cols,):
+            return masks
+        raise ValueError(
+            f"Masks must be (batch, {rows}, {cols}) for a {rows * self.patch_size}x"
+            f"{cols * self.patch_size} crop with patch_size={self.patch_size}; got shape {shape}."
+        )
+
+    # -- forward ----------------------------------------------------------------------------
+    def position_embedding_for(self, rows, cols):
+        """The position table for a ``rows x cols`` patch grid, ``(1, 1 + rows*cols, D)``."""
+        return interpolate_position_embedding(ops.convert_to_tensor(self.pos_embed), rows, cols)
+
+    def prepare_tokens(self, images, masks=None):
+        """Patch embedding, mask-token replacement, CLS concat and position add: ``(B, 1+N, D)``."""
+        rows, cols = self._check_images(images)
+        tokens = self.patch_embed(images)
+        batch = ops.shape(tokens)[0]
+        tokens = ops.reshape(tokens, (batch, rows * cols, self.embed_dim))
+        if masks is not None:
+            flat = self._check_masks(masks, rows, cols)
+            mask_token = ops.cast(ops.convert_to_tensor(self.masked_embed), tokens.dtype)
+            tokens = ops.where(ops.expand_dims(flat, -1), mask_token[None], tokens)
+        cls = ops.broadcast_to(ops.cast(ops.convert_to_tensor(self.cls_token), tokens.dtype), (batch, 1, self.embed_dim))
+        tokens = ops.concatenate([cls, tokens], axis=1)
+        return tokens + ops.cast(self.position_embedding_for(rows, cols), tokens.dtype)
+
+    def call(self, images, masks=None, training=False):
+        x = self.prepare_tokens(images, masks)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.norm(x)
+
+    def get_last_selfattention(self, images, masks=None):
+        """Attention weights of the last block, ``(B, heads, 1 + N, 1 + N)`` (inference mode)."""
+        x = self.prepare_tokens(images, masks)
+        for block in self.blocks[:-1]:
+            x = block(x, training=False)
+        return self.blocks[-1].attention_probs(x)
+
+    def compute_output_shape(self, images_shape, masks_shape=None):
+        rows = images_shape[1] // self.patch_size
+        cols = images_shape[2] // self.patch_size
+        return (images_shape[0], 1 + rows * cols, self.embed_dim)
+
+    # -- official parameter names -------------------------------------------------------------
+    def official_weights(self):
+        """``[(official_name, variable, layout)]`` in the official ``named_parameters()`` order.
+
+        ``layout`` tells how the Keras array maps to the official tensor (see
+        ``ibot_keras.checkpoint``): ``"same"``, ``"linear"`` (transpose) or ``"conv"``.
+        """
+        weights = [("cls_token", self.cls_token, "same"), ("pos_embed", self.pos_embed, "same")]
+        if self.masked_embed is not None:
+            weights.append(("masked_embed", self.masked_embed, "same"))
+        weights += [
+            ("patch_embed.proj.weight", self.patch_embed.kernel, "conv"),
+            ("patch_embed.proj.bias", self.patch_embed.bias, "same"),
+        ]
+        for i, block in enumerate(self.blocks):
+            prefix = f"blocks.{i}."
+            weights += [
+                (prefix + "norm1.weight", block.norm1.gamma, "same"),
+                (prefix + "norm1.bias", block.norm1.beta, "same"),
+            ]
+            if block.attn.qkv_bias:
+                weights += [
+                    (prefix + "attn.qkv.weight", block.attn.qkv.kernel, "linear"),
+                    (prefix + "attn.qkv.bias", block.attn.qkv.bias, "same"),
+                ]
+            else:
+                weights.append((prefix + "attn.qkv.weight", block.attn.qkv.kernel, "linear"))
+            weights += [
+                (prefix + "attn.proj.weight", block.attn.proj.kernel, "linear"),
+                (prefix + "attn.proj.bias", block.attn.proj.bias, "same"),
+                (prefix + "norm2.weight", block.norm2.gamma, "same"),
+                (prefix + "norm2.bias", block.norm2.beta, "same"),
+                (prefix + "mlp.fc1.weight", block.mlp.fc1.kernel, "linear"),
+                (prefix + "mlp.fc1.bias", block.mlp.fc1.bias, "same"),
+                (prefix + "mlp.fc2.weight", block.mlp.fc2.kernel, "linear"),
+                (prefix + "mlp.fc2.bias", block.mlp.fc2.bias, "same"),
+            ]
+        weights += [("norm.weight", self.norm.gamma, "same"), ("norm.bias", self.norm.beta, "same")]
+        return weights
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            drop_path_rate=self.drop_path_rate,
+            use_mask_token=self.use_mask_token,
+            image_size=self.image_size,
+            in_channels=self.in_channels,
+            seed=self.seed,
+        )
+        return config
+
+
+def _factory(arch):
+    embed_dim, depth, num_heads = VIT_SIZES[arch]
+
+    def build(patch_size=16, **kwargs):
+        return VisionTransformer(
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            **kwargs,
+        )
+
+    build.__name__ = arch
+    build.__doc__ = (
+        f"Official ``{arch}``: embed_dim {embed_dim}, depth {depth}, {num_heads} heads, "
+        "mlp_ratio 4, qkv_bias. Keyword arguments go to ``VisionTransformer``."
+    )
+    return build
+
+
+vit_tiny = _factory("vit_tiny")
+vit_small = _factory("vit_small")
+vit_base = _factory("vit_base")
+vit_large = _factory("vit_large")

@@ -1,0 +1,134 @@
+"""AdamW exactly as the official iBOT training step applies it."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="ibot_keras")
+class IBOTAdamW(keras.optimizers.Optimizer):
+    """PyTorch ``AdamW`` on the official parameter groups, with the official per-parameter
+    gradient clipping and last-layer freeze folded in.
+
+    Per variable and step (``it`` = ``optimizer.iterations``):
+
+    1. clip: ``g *= clip_grad / (||g|| + 1e-6)`` when that factor is below 1 (per tensor, not
+       a global norm; ``clip_grad=0`` disables it);
+    2. frozen variables (``freeze_variables``) skip the whole update while
+       ``it < freeze_steps``: no decay, no moment update and no step count, exactly as a
+       ``None`` gradient in PyTorch;
+    3. decoupled decay ``p *= 1 - lr * wd`` for tensors with ``ndim >= 2`` whose name is not
+       ``bias`` (official group 0; biases and norm weights get none);
+    4. Adam with a **per-variable** step count ``k`` and PyTorch's epsilon placement:
+       ``p -= lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)``.
+
+    ``learning_rate`` and ``weight_decay`` may be floats or schedules of the step (e.g.
+    ``ibot_keras.schedules.CosineSchedule``).
+    """
+
+    def __init__(
+        self,
+        learning_rate=5e-4,
+        weight_decay=0.04,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        clip_grad=3.0,
+        freeze_steps=0,
+        name="ibot_adamw",
+        **kwargs,
+    ):
+        for unsupported in ("weight_decay_schedule", "gradient_accumulation_steps", "use_ema"):
+            if kwargs.get(unsupported):
+                raise ValueError(f"IBOTAdamW does not support {unsupported}.")
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if isinstance(weight_decay, dict):
+            weight_decay = keras.optimizers.schedules.deserialize(weight_decay)
+        self.weight_decay_value = weight_decay
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.clip_grad = float(clip_grad or 0.0)
+        self.freeze_steps = int(freeze_steps)
+        self._frozen_keys = set()
+
+    def freeze_variables(self, variables):
+        """Variables that get no update while ``iterations < freeze_steps``."""
+        self._frozen_keys = {self._var_key(v) for v in variables}
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums = self.add_optimizer_variables(var_list, "momentum")
+        self._velocities = self.add_optimizer_variables(var_list, "velocity")
+        self._step_counts = [
+            self.add_variable(shape=(), dtype="float32", name=f"{v.path.replace('/', '_')}_step")
+            for v in var_list
+        ]
+
+    @staticmethod
+    def uses_weight_decay(variable):
+        """Official parameter groups: decay every tensor with ndim >= 2 that is not a bias."""
+        return len(variable.shape) >= 2 and not variable.name.endswith("bias")
+
+    def current_weight_decay(self):
+        wd = self.weight_decay_value
+        if callable(wd):
+            return ops.cast(wd(self.iterations), "float32")
+        return ops.convert_to_tensor(float(wd or 0.0), "float32")
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        momentum_var = self._momentums[index]
+        velocity_var = self._velocities[index]
+        count_var = self._step_counts[index]
+        param = ops.convert_to_tensor(variable)
+        momentum = ops.convert_to_tensor(momentum_var)
+        velocity = ops.convert_to_tensor(velocity_var)
+        count = ops.convert_to_tensor(count_var)
+        dtype = variable.dtype
+        grad = ops.cast(gradient, dtype)
+        if self.clip_grad > 0:
+            norm = ops.sqrt(ops.sum(ops.square(grad)))
+            coef = self.clip_grad / (norm + 1e-6)
+            grad = ops.where(coef < 1.0, grad * coef, grad)
+        lr = ops.cast(learning_rate, dtype)
+
+        new_count = count + 1.0
+        new_m = momentum + (1.0 - self.beta_1) * (grad - momentum)
+        new_v = velocity * self.beta_2 + (1.0 - self.beta_2) * ops.square(grad)
+        bias_correction1 = 1.0 - ops.power(ops.cast(self.beta_1, "float32"), new_count)
+        bias_correction2_sqrt = ops.sqrt(
+            1.0 - ops.power(ops.cast(self.beta_2, "float32"), new_count)
+        )
+        new_p = param
+        if self.uses_weight_decay(variable):
+            new_p = new_p * (1.0 - lr * ops.cast(self.current_weight_decay(), dtype))
+        denom = ops.sqrt(new_v) / bias_correction2_sqrt + self.epsilon
+        new_p = new_p - (lr / bias_correction1) * new_m / denom
+
+        if self._var_key(variable) in self._frozen_keys and self.freeze_steps > 0:
+            active = self.iterations >= self.freeze_steps
+            new_p = ops.where(active, new_p, param)
+            new_m = ops.where(active, new_m, momentum)
+            new_v = ops.where(active, new_v, velocity)
+            new_count = ops.where(active, new_count, count)
+        self.assign(variable, new_p)
+        self.assign(momentum_var, new_m)
+        self.assign(velocity_var, new_v)
+        self.assign(count_var, new_count)
+
+    def get_config(self):
+        config = super().get_config()
+        wd = self.weight_decay_value
+        if isinstance(wd, keras.optimizers.schedules.LearningRateSchedule):
+            wd = keras.optimizers.schedules.serialize(wd)
+        config.update(
+            weight_decay=wd,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            clip_grad=self.clip_grad,
+            freeze_steps=self.freeze_steps,
+        )
+        return config
