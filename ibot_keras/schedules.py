@@ -120,7 +120,8 @@ class CosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
         # Cosine part: final + 0.5 (base - final)(1 + cos(pi i / T)).
         if cosine_len > 0:
             i = ops.maximum(step_f - self.warmup_steps, 0.0)
-            half = 0.5 * (1.0 + ops.cos(math.pi * i / cosine_len))
+            # 0.5 (1 + cos t) as cos^2(t / 2): no float32 cancellation where cos t is near -1.
+            half = ops.square(ops.cos((0.5 * math.pi / cosine_len) * i))
             if one_minus:
                 cos_value = (1.0 - self.final_value) + (
                     self.final_value - self.base_value
