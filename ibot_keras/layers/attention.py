@@ -10,6 +10,8 @@ class Attention(keras.layers.Layer):
     (timm/official layout): ``(B, T, D) -> (B, T, D)``; scale ``head_dim ** -0.5``."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, **kwargs):
+        # Applied after the sublayers exist, so that trainable=False reaches them.
+        trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         if dim % num_heads:
             raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}.")
@@ -26,6 +28,7 @@ class Attention(keras.layers.Layer):
         self.proj = keras.layers.Dense(
             self.dim, kernel_initializer=linear_kernel_init(), name="proj"
         )
+        self.trainable = trainable
 
     def build(self, input_shape=None):
         self.qkv.build((None, None, self.dim))

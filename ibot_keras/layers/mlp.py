@@ -9,6 +9,8 @@ class Mlp(keras.layers.Layer):
     """Transformer MLP ``fc1 -> GELU (exact, erf) -> fc2``: ``(..., D) -> (..., D)``."""
 
     def __init__(self, dim, hidden_dim, **kwargs):
+        # Applied after the sublayers exist, so that trainable=False reaches them.
+        trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.hidden_dim = int(hidden_dim)
@@ -18,6 +20,7 @@ class Mlp(keras.layers.Layer):
         self.fc2 = keras.layers.Dense(
             self.dim, kernel_initializer=linear_kernel_init(), name="fc2"
         )
+        self.trainable = trainable
 
     def build(self, input_shape=None):
         self.fc1.build((None, None, self.dim))

@@ -22,6 +22,8 @@ class TransformerBlock(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
+        # Applied after the sublayers exist, so that trainable=False reaches them.
+        trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.num_heads = int(num_heads)
@@ -34,6 +36,7 @@ class TransformerBlock(keras.layers.Layer):
         self.norm2 = keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
         self.mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), name="mlp")
         self.drop_path = DropPath(self.drop_path_rate, seed=seed, name="drop_path")
+        self.trainable = trainable
 
     def build(self, input_shape=None):
         shape = (None, None, self.dim)

@@ -50,6 +50,8 @@ class IBOTHead(keras.layers.Layer):
         in_dim=None,
         **kwargs,
     ):
+        # Applied after the sublayers exist, so that trainable=False reaches them.
+        trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         if norm not in _NORMS:
             raise ValueError(
@@ -109,6 +111,7 @@ class IBOTHead(keras.layers.Layer):
             )
         if self.in_dim is not None:
             self.build((None, self.in_dim))
+        self.trainable = trainable
 
     def build(self, input_shape):
         in_dim = int(input_shape[-1])

@@ -76,8 +76,10 @@ class IBOT(PostOptimizerStep, keras.Model):
         for head, backbone in ((student_head, student_backbone), (teacher_head, teacher_backbone)):
             if not head.built:
                 head.build((None, backbone.embed_dim))
-        self.teacher_backbone.trainable = False
-        self.teacher_head.trainable = False
+        for layer in (self.teacher_backbone, self.teacher_head):
+            layer.trainable = False
+            for variable in layer.weights:
+                variable.trainable = False
         self.momentum_schedule = CosineSchedule(
             self.momentum_teacher, 1.0, self.epochs, self.steps_per_epoch
         )
@@ -165,7 +167,8 @@ class IBOT(PostOptimizerStep, keras.Model):
         student = {name: var for name, var, _ in self.student_weights(include_aliases=True)}
         for name, teacher_var, _ in self.teacher_weights(include_aliases=True):
             if name in student:
-                teacher_var.assign(student[name])
+                # Through NumPy: a fresh buffer (JAX would otherwise alias, then donate it twice).
+                teacher_var.assign(ops.convert_to_numpy(student[name]))
 
     def last_layer_variables(self):
         """Student variables frozen during the first ``freeze_last_layer`` epochs."""

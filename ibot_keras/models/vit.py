@@ -47,6 +47,8 @@ class VisionTransformer(keras.Model):
         seed=None,
         **kwargs,
     ):
+        # Applied after the sublayers exist, so that trainable=False reaches them.
+        trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
         self.patch_size = int(patch_size)
         self.embed_dim = int(embed_dim)
@@ -84,6 +86,7 @@ class VisionTransformer(keras.Model):
         ]
         self.norm = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")
         self.build()
+        self.trainable = trainable
 
     def build(self, input_shape=None):
         # Keras runs build() inside this layer's name scope, so every sublayer variable gets a

@@ -1,0 +1,219 @@
+"""The IBOT model: construction, optimizer groups, input validation, weights in and out."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+from trajectory import T, batches, build_fixture_model, fixture_config
+
+from ibot_keras import IBOT, IBOTAdamW, PretrainConfig, build_pretrainer, checkpoint
+
+
+def tiny_config(**overrides):
+    values = dict(
+        arch="vit_tiny", patch_size=4, embed_dim=16, depth=1, num_heads=2, image_size=16,
+        global_crop_size=16, local_crop_size=8, out_dim=32, patch_out_dim=32, shared_head=True,
+        head_hidden_dim=16, head_bottleneck_dim=8, warmup_teacher_temp_epochs=1, epochs=2,
+        warmup_epochs=1, batch_size=2, local_crops_number=2, drop_path=0.1,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def tiny_batch(batch=2, ng=2, nl=2, size=16, local=8, grid=4, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {
+        "global_crops": rng.standard_normal((batch, ng, size, size, 3)).astype("float32"),
+        "masks": rng.random((batch, ng, grid, grid)) < 0.3,
+    }
+    if nl:
+        out["local_crops"] = rng.standard_normal((batch, nl, local, local, 3)).astype("float32")
+    return out
+
+
+def stacked(*batches):
+    """Several batch dicts as one dict of arrays, for ``fit(x, batch_size=...)``."""
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+# -- construction ---------------------------------------------------------------------------
+def test_teacher_starts_as_a_copy_of_the_student_and_is_frozen():
+    model = build_pretrainer(tiny_config(), steps_per_epoch=3)
+    assert all(not v.trainable for v in model.teacher_backbone.weights + model.teacher_head.weights)
+    student = {n: to_numpy(v) for n, v, _ in model.student_weights()}
+    for name, var, _ in model.teacher_weights():
+        np.testing.assert_array_equal(to_numpy(var), student[name])
+    ema_names = {name for name, _, _ in model.teacher_weights()} & set(student)
+    assert len(model._ema_pairs) == len(ema_names) == len(student) - 1  # all but masked_embed
+    assert "backbone.masked_embed" not in {n for n, _, _ in model.teacher_weights()}
+
+
+def test_unshared_student_with_shared_teacher_reproduces_the_official_init_quirk():
+    # Official: load_state_dict copies the alias last_layer2 last, so the teacher's single
+    # prototype layer starts as the student's *patch* layer.
+    model = build_pretrainer(tiny_config(shared_head=False, norm_last_layer=False), steps_per_epoch=2)
+    student_patch_layer = to_numpy(model.student_head.last_layer2.weight_v)
+    assert not np.array_equal(student_patch_layer, to_numpy(model.student_head.last_layer.weight_v))
+    np.testing.assert_array_equal(to_numpy(model.teacher_head.last_layer.weight_v), student_patch_layer)
+
+
+def test_mismatched_patch_out_dim_is_a_clear_error():
+    with pytest.raises(ValueError, match="issue #4"):
+        tiny_config(shared_head=False, patch_out_dim=24)
+
+
+def test_official_parameter_groups_and_freeze():
+    model = build_pretrainer(tiny_config(shared_head=False, shared_head_teacher=False, patch_out_dim=24, norm_last_layer=False), steps_per_epoch=2)
+    decayed = {n for n, v, _ in model.student_weights() if IBOTAdamW.uses_weight_decay(v)}
+    expected = {
+        n for n, v, _ in model.student_weights() if len(v.shape) >= 2 and not n.endswith(".bias")
+    }
+    assert decayed == expected
+    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.masked_embed", "head.last_layer.weight_g"):
+        assert name in decayed
+    frozen_ids = {id(v) for v in model.last_layer_variables()}
+    frozen = {n for n, v, _ in model.student_weights() if id(v) in frozen_ids}
+    assert frozen == {
+        "head.last_layer.weight_g", "head.last_layer.weight_v",
+        "head.last_layer2.weight_g", "head.last_layer2.weight_v",
+    }
+    assert model.optimizer.freeze_steps == 2
+
+
+def test_ema_after_fit_uses_student_weights():
+    config = tiny_config(momentum_teacher=0.5, lr=10.0, drop_path=0.0, freeze_last_layer=0)
+    model = build_pretrainer(config, steps_per_epoch=2)
+    before_teacher = {n: to_numpy(v) for n, v, _ in model.teacher_weights()}
+    model.fit(tiny_batch(), batch_size=2, epochs=1, verbose=0)
+    one_minus_m = float(to_numpy(model.momentum_schedule.one_minus(0)))
+    assert one_minus_m == pytest.approx(0.5)
+    student = {n: to_numpy(v) for n, v, _ in model.student_weights()}
+    for name, var, _ in model.teacher_weights():
+        expected = before_teacher[name] * (1 - one_minus_m) + student[name] * one_minus_m
+        np.testing.assert_allclose(to_numpy(var), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+# -- fit on variants ----------------------------------------------------------------------------
+def test_fit_without_local_crops_and_without_masks():
+    model = build_pretrainer(tiny_config(local_crops_number=0), steps_per_epoch=2)
+    batch = tiny_batch(nl=0)
+    del batch["masks"]
+    history = model.fit(stacked(batch, batch), batch_size=2, shuffle=False, epochs=1, verbose=0)
+    assert set(history.history) >= {"loss", "cls", "patch", "lr", "wd", "teacher_temp", "teacher_momentum"}
+    assert history.history["patch"][0] == 0.0  # nothing masked
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_fit_with_drop_path_and_separate_heads():
+    config = tiny_config(shared_head=False, shared_head_teacher=False, patch_out_dim=24, drop_path=0.2)
+    model = build_pretrainer(config, steps_per_epoch=2)
+    history = model.fit(stacked(tiny_batch(seed=1), tiny_batch(seed=2)), batch_size=2, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert int(to_numpy(model.step)) == 4
+
+
+def test_evaluate_and_predict_do_not_move_the_state():
+    model = build_pretrainer(tiny_config(), steps_per_epoch=2)
+    center = to_numpy(model.ibot_loss.center).copy()
+    teacher = to_numpy(model.teacher_head.last_layer.weight_v).copy()
+    model.evaluate(tiny_batch(), batch_size=2, verbose=0)
+    outputs = model.predict(tiny_batch(), batch_size=2, verbose=0)
+    assert outputs["student_cls"].shape == (2, 2, 32) and outputs["student_local_cls"].shape == (2, 2, 32)
+    np.testing.assert_array_equal(to_numpy(model.ibot_loss.center), center)
+    np.testing.assert_array_equal(to_numpy(model.teacher_head.last_layer.weight_v), teacher)
+    assert int(to_numpy(model.step)) == 0
+
+
+# -- input validation ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda b: b.update(global_crops=np.zeros((2, 2, 15, 16, 3), "float32")), "15x16 is not a multiple of patch_size=4"),
+        (lambda b: b.update(global_crops=np.zeros((2, 2, 16, 16, 1), "float32")), r"must be \(B, ng, H, W, 3\)"),
+        (lambda b: b.update(global_crops=np.zeros((2, 16, 16, 3), "float32")), r"must be \(B, ng, H, W, 3\)"),
+        (lambda b: b.update(global_crops=np.zeros((2, 3, 16, 16, 3), "float32")), "global_crops_number=2"),
+        (lambda b: b.update(masks=np.zeros((2, 2, 2, 2), bool)), r"'masks' must be \(B, 2, 4, 4\)"),
+        (lambda b: b.pop("local_crops"), "local_crops_number=2 but the batch has no 'local_crops'"),
+        (lambda b: b.update(local_crops=np.zeros((2, 3, 8, 8, 3), "float32")), "local_crops_number=2"),
+        (lambda b: b.update(local_crops=np.zeros((2, 2, 6, 6, 3), "float32")), "6x6 is not a multiple"),
+        (lambda b: b.update(images=b["global_crops"]), r"Unknown batch keys \['images'\]"),
+    ],
+)
+def test_bad_batches_raise_clear_value_errors(change, message):
+    model = build_pretrainer(tiny_config(), steps_per_epoch=2)
+    batch = tiny_batch()
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        model(batch)
+    with pytest.raises(ValueError, match=message):
+        model.fit(batch, batch_size=2, epochs=1, verbose=0)
+
+
+def test_non_dict_batch_is_a_clear_error():
+    model = build_pretrainer(tiny_config(), steps_per_epoch=2)
+    with pytest.raises(ValueError, match="expects a dict batch"):
+        model(np.zeros((2, 2, 16, 16, 3), "float32"))
+
+
+# -- weights in and out ---------------------------------------------------------------------------
+def test_official_export_load_round_trip():
+    model = build_fixture_model()
+    model.ibot_loss.center.assign(np.arange(64, dtype="float32")[None])
+    exported = checkpoint.export_official(model)
+    for part in ("student", "teacher"):
+        for name, value in exported[part].items():
+            np.testing.assert_array_equal(value, T[f"{part}__" + name.replace(".", "__")], err_msg=name)
+    assert set(exported["student"]) == {k[len("student__"):].replace("__", ".") for k in T.files if k.startswith("student__")}
+    other = build_pretrainer(fixture_config(), steps_per_epoch=2, seed=5)
+    ddp = {"student": {"module." + k: v for k, v in exported["student"].items()}, **{k: exported[k] for k in ("teacher", "ibot_loss")}}
+    checkpoint.load_official(other, ddp)
+    again = checkpoint.export_official(other)
+    for part in ("student", "teacher", "ibot_loss"):
+        for name in exported[part]:
+            np.testing.assert_array_equal(again[part][name], exported[part][name])
+
+
+def test_checkpoint_mismatch_lists_every_problem():
+    model = build_fixture_model()
+    state = checkpoint.export_official(model)
+    state["student"].pop("backbone.norm.bias")
+    state["student"]["backbone.extra"] = np.zeros(3)
+    state["student"]["backbone.pos_embed"] = np.zeros((1, 5, 48))
+    with pytest.raises(ValueError) as info:
+        checkpoint.load_official(model, state)
+    text = str(info.value)
+    assert "Missing keys (1): backbone.norm.bias" in text
+    assert "Unexpected keys (1): backbone.extra" in text
+    assert "backbone.pos_embed: checkpoint (1, 5, 48), expected (1, 17, 48)" in text
+
+
+def test_backbone_state_dict_round_trip():
+    model = build_fixture_model()
+    state = checkpoint.export_official(model.teacher_backbone)
+    assert "masked_embed" not in state and "blocks.1.attn.qkv.weight" in state
+    checkpoint.load_official(model.student_backbone, {"module.backbone." + k: v for k, v in state.items()} | {"masked_embed": np.ones((1, 48), "float32")})
+    np.testing.assert_array_equal(to_numpy(model.student_backbone.masked_embed), 1.0)
+
+
+def test_model_config_round_trip():
+    model = build_pretrainer(tiny_config(shared_head=False, shared_head_teacher=False, patch_out_dim=24), steps_per_epoch=3)
+    clone = IBOT.from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    # The teacher stays frozen in a deserialised model too.
+    assert [v.path for v in clone.trainable_variables] == [v.path for v in model.trainable_variables]
+    clone.set_weights(model.get_weights())
+    batch = tiny_batch()
+    ours, theirs = model(batch), clone(batch)
+    for key in ours:
+        np.testing.assert_array_equal(to_numpy(ours[key]), to_numpy(theirs[key]))
+
+
+def test_duplicate_component_names_are_rejected():
+    from ibot_keras import IBOTHead, IBOTLoss, VisionTransformer
+
+    def vit(mask):
+        return VisionTransformer(patch_size=4, embed_dim=8, depth=1, num_heads=2, image_size=8, use_mask_token=mask, name="vit")
+
+    head = lambda name: IBOTHead(8, in_dim=8, hidden_dim=8, bottleneck_dim=4, name=name)  # noqa: E731
+    with pytest.raises(ValueError, match="share the variable path"):
+        IBOT(vit(True), head("h1"), vit(False), head("h2"), IBOTLoss(8, 8, 2, 0, 0.04, 0.04, 0.04, 0.07, 1, 2), steps_per_epoch=1)
