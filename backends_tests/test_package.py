@@ -1,0 +1,43 @@
+"""The package front door: public API, and no backend imported that the user did not pick."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import BACKEND
+
+import ibot_keras
+
+INSTALLED = [b for b in ("jax", "torch", "tensorflow") if importlib.util.find_spec(b) is not None]
+
+
+def test_public_api():
+    for name in ibot_keras.__all__:
+        assert getattr(ibot_keras, name) is not None
+    assert ibot_keras.checkpoint.load_official and ibot_keras.checkpoint.export_official
+
+
+@pytest.mark.parametrize("backend", INSTALLED)
+def test_importing_ibot_keras_imports_no_other_backend(backend):
+    # Keras itself may import an installed JAX; ibot_keras must add no other backend.
+    code = (
+        "import sys, keras\n"
+        "before = set(sys.modules)\n"
+        "import ibot_keras\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        f"others = sorted(new & {{'jax', 'torch', 'tensorflow'}} - {{'{backend}'}})\n"
+        "assert not others, others\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_only_the_selected_backend_is_needed():
+    # In the per-backend tox envs only this backend is installed at all.
+    if os.environ.get("IBOT_KERAS_SINGLE_BACKEND_ENV"):
+        assert INSTALLED == [BACKEND]
+    else:
+        pytest.skip("not a single-backend environment")
