@@ -1,0 +1,106 @@
+"""Batches of multi-crop views and block masks for ``IBOT.fit`` (a ``keras.utils.PyDataset``)."""
+
+import copy
+import random
+
+import keras
+import numpy as np
+
+from ibot_keras.masking import BlockMasking
+
+
+class MultiCropLoader(keras.utils.PyDataset):
+    """Yields ``({"global_crops", "local_crops", "masks"},)`` batches.
+
+    Every image's crops and masks are drawn from a generator seeded by
+    ``(seed, epoch, index in the epoch's order)``, so a batch depends only on those numbers:
+    the same seed gives the same batches, workers (threads) cannot change them, and
+    resuming at an epoch/step replays exactly. Call ``set_epoch(e)`` (or let ``on_epoch_end``
+    advance it) as the official loop calls ``dataset.set_epoch``.
+
+    Args:
+        source: an ``ArraySource``, ``ImageFolderSource`` or anything with ``len`` and
+            ``[]`` returning images (uint8 arrays or PIL images).
+        augmentation: a ``MultiCropAugmentation``.
+        masking: a ``BlockMasking`` (its settings are used; its random stream is not).
+        patch_size: to size the mask grids.
+        batch_size, shuffle, drop_last (official: True), seed.
+    """
+
+    def __init__(
+        self,
+        source,
+        augmentation,
+        masking,
+        patch_size,
+        batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=0,
+        epoch=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1.")
+        if drop_last and len(source) < batch_size:
+            raise ValueError(f"The dataset has {len(source)} images, fewer than one batch of {batch_size}.")
+        self.source = source
+        self.augmentation = augmentation
+        self.masking = masking
+        self.patch_size = int(patch_size)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        grid = augmentation.global_crop_size // self.patch_size
+        if grid * self.patch_size != augmentation.global_crop_size:
+            raise ValueError(
+                f"global_crop_size={augmentation.global_crop_size} is not a multiple of patch_size={patch_size}."
+            )
+        self.grid = grid
+
+    def __len__(self):
+        n = len(self.source)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        self.masking.set_epoch(self.epoch)
+
+    def on_epoch_end(self):
+        self.set_epoch(self.epoch + 1)
+
+    def order(self, epoch=None):
+        """The image order of an epoch."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return np.arange(len(self.source))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+
+    def sample(self, position, epoch=None):
+        """Crops and masks of the image at ``position`` in the epoch's order."""
+        epoch = self.epoch if epoch is None else epoch
+        index = int(self.order(epoch)[position])
+        rng = np.random.default_rng([self.seed, epoch, position])
+        globals_, locals_ = self.augmentation(self.source[index], rng)
+        masking = copy.copy(self.masking)  # a private stream: safe with worker threads
+        masking._random = random.Random(int(rng.integers(2**63)))
+        masking._numpy = np.random.default_rng(int(rng.integers(2**63)))
+        masking.set_epoch(epoch)
+        masks = np.stack([masking(self.grid, self.grid) for _ in globals_])
+        return globals_, locals_, masks
+
+    def __getitem__(self, batch_index):
+        epoch = self.epoch
+        start = batch_index * self.batch_size
+        stop = min(start + self.batch_size, len(self.source))
+        samples = [self.sample(p, epoch) for p in range(start, stop)]
+        batch = {
+            "global_crops": np.stack([np.stack(g) for g, _, _ in samples]),
+            "masks": np.stack([m for _, _, m in samples]),
+        }
+        if self.augmentation.local_crops_number:
+            batch["local_crops"] = np.stack([np.stack(l) for _, l, _ in samples])
+        return (batch,)
