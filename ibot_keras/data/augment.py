@@ -72,13 +72,13 @@ class MultiCropAugmentation:
     flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, Gaussian blur
     (radius U(0.1, 2)) p=1.0. Other global crops: blur p=0.1 and solarisation p=0.2.
     Local crops: ``local_crop_size``, ``local_crops_scale``, blur p=0.5, no solarisation.
+    ``blur_radius`` (pixels) is the official (0.1, 2.0) unless given.
     """
 
     flip_p = 0.5
     jitter_p = 0.8
     jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_p = 0.2
-    blur_radius = (0.1, 2.0)
     solarize_threshold = 128
 
     def __init__(
@@ -91,6 +91,7 @@ class MultiCropAugmentation:
         local_crop_size=96,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        blur_radius=(0.1, 2.0),
     ):
         if global_crops_number < 1:
             raise ValueError("global_crops_number must be >= 1.")
@@ -105,6 +106,9 @@ class MultiCropAugmentation:
         self.local_crop_size = int(local_crop_size)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
+        # Official radius range in pixels, meant for 224/96-px crops; scale it down for tiny
+        # crops, where a 2-px blur erases the content.
+        self.blur_radius = tuple(float(r) for r in blur_radius)
 
     # probabilities per crop kind: (blur, solarize)
     def crop_recipe(self, index):
