@@ -1,5 +1,6 @@
 """iBOT self-supervised ViT pretraining for Keras 3 (JAX, PyTorch, TensorFlow)."""
 
+from ibot_keras import callbacks
 from ibot_keras import checkpoint
 from ibot_keras import layers
 from ibot_keras import schedules
@@ -27,6 +28,7 @@ __all__ = [
     "PretrainConfig",
     "VisionTransformer",
     "build_pretrainer",
+    "callbacks",
     "checkpoint",
     "layers",
     "schedules",

@@ -150,14 +150,17 @@ class IBOTLoss(keras.layers.Layer):
         masks=None,
         epoch=0,
         update_center=True,
+        temperatures=None,
     ):
+        """``temperatures``: optional ``(teacher_temp, teacher_patch_temp)`` that replace the
+        per-epoch schedule (used by ``ibot_keras.callbacks.TeacherTemperatureScheduler``)."""
         ng = self.num_global_crops
         if masks is None:
             raise ValueError("IBOTLoss needs the masks of the global crops, (B, ng, N) bool.")
         masks = self._check_shapes(
             student_cls, student_patch, teacher_cls, teacher_patch, student_local_cls, masks
         )
-        temp, patch_temp = self.temperatures(epoch)
+        temp, patch_temp = self.temperatures(epoch) if temperatures is None else temperatures
         f32 = lambda t: ops.cast(t, "float32")  # noqa: E731
         teacher_cls = ops.stop_gradient(f32(teacher_cls))
         teacher_patch = ops.stop_gradient(f32(teacher_patch))

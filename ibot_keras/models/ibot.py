@@ -86,6 +86,11 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.step = self.add_weight(
             name="step", shape=(), dtype="int32", initializer="zeros", trainable=False
         )
+        # Overrides set between epochs by ibot_keras.callbacks (a negative value means "use
+        # the official schedule"). Model variables, so the compiled step reads them each step.
+        self.teacher_temp_override = self._override("teacher_temp_override")
+        self.teacher_patch_temp_override = self._override("teacher_patch_temp_override")
+        self.momentum_override = self._override("momentum_override")
         self.cls_tracker = keras.metrics.Mean(name="cls")
         self.patch_tracker = keras.metrics.Mean(name="patch")
         self.lr_tracker = LastValue(name="lr")
@@ -97,6 +102,12 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.built = True
 
     # -- construction -----------------------------------------------------------------------
+    def _override(self, name):
+        return self.add_weight(
+            name=name, shape=(), dtype="float32", initializer=keras.initializers.Constant(-1.0),
+            trainable=False, autocast=False,
+        )
+
     def _check_components(self):
         sb, tb = self.student_backbone, self.teacher_backbone
         sh, th, loss = self.student_head, self.teacher_head, self.ibot_loss
@@ -283,9 +294,25 @@ class IBOT(PostOptimizerStep, keras.Model):
             outputs["student_local_cls"] = ops.reshape(local_cls, (batch, nl, -1))
         return outputs
 
+    def teacher_temperatures(self, step):
+        """``(teacher_temp, teacher_patch_temp)`` used at ``step`` (schedule or override)."""
+        temp, patch_temp = self.ibot_loss.temperatures(step // self.steps_per_epoch)
+        temp_override = ops.convert_to_tensor(self.teacher_temp_override)
+        patch_override = ops.convert_to_tensor(self.teacher_patch_temp_override)
+        return (
+            ops.where(temp_override > 0, temp_override, temp),
+            ops.where(patch_override > 0, patch_override, patch_temp),
+        )
+
+    def teacher_momentum_one_minus(self, step):
+        """``1 - m`` of the teacher EMA at ``step`` (cosine schedule or override)."""
+        override = ops.convert_to_tensor(self.momentum_override)
+        return ops.where(override >= 0, 1.0 - override, self.momentum_schedule.one_minus(step))
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         step = ops.convert_to_tensor(self.step)
         epoch = step // self.steps_per_epoch
+        temperatures = self.teacher_temperatures(step)
         out = self.ibot_loss(
             y_pred["student_cls"],
             y_pred["student_patch"],
@@ -295,12 +322,12 @@ class IBOT(PostOptimizerStep, keras.Model):
             y_pred["masks"],
             epoch=epoch,
             update_center=training,
+            temperatures=temperatures,
         )
         self.cls_tracker.update_state(out["cls"])
         self.patch_tracker.update_state(out["patch"])
-        temp, _ = self.ibot_loss.temperatures(epoch)
-        self.teacher_temp_tracker.update_state(temp)
-        self.momentum_tracker.update_state(1.0 - self.momentum_schedule.one_minus(step))
+        self.teacher_temp_tracker.update_state(temperatures[0])
+        self.momentum_tracker.update_state(1.0 - self.teacher_momentum_one_minus(step))
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         if inner is not None:
             self.lr_tracker.update_state(_schedule_value(inner._learning_rate, step))
@@ -312,7 +339,7 @@ class IBOT(PostOptimizerStep, keras.Model):
     def after_optimizer_step(self):
         """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step)."""
         step = ops.convert_to_tensor(self.step)
-        one_minus_m = self.momentum_schedule.one_minus(step)
+        one_minus_m = self.teacher_momentum_one_minus(step)
         momentum = 1.0 - one_minus_m
         for student_var, teacher_var in self._ema_pairs:
             student_value = ops.stop_gradient(ops.convert_to_tensor(student_var))

@@ -1,0 +1,107 @@
+"""Keras callbacks to see and steer the iBOT teacher: EMA momentum, centers, temperatures.
+
+They act **between epochs**: they set model variables that the compiled training step reads
+every step (the per-step arithmetic itself stays inside the step). A callback that touched
+variables every batch would force a full state sync on JAX and slow training several times.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _set(variable, value):
+    variable.assign(np.asarray(-1.0 if value is None else value, np.float32))
+
+
+def _current_step(model):
+    return ops.convert_to_tensor(model.step)
+
+
+class TeacherTemperatureScheduler(keras.callbacks.Callback):
+    """Set the teacher temperatures per epoch, like ``keras.callbacks.LearningRateScheduler``.
+
+    ``schedule(epoch, (temp, patch_temp))`` receives the official values for that epoch and
+    returns a float (both terms), a ``(temp, patch_temp)`` pair, or ``None`` to keep the
+    official schedule. The chosen values show in the logs as ``teacher_temp``.
+
+    Example: a sharper teacher for a small dataset::
+
+        TeacherTemperatureScheduler(lambda epoch, temps: 0.02 if epoch < 10 else None)
+    """
+
+    def __init__(self, schedule, verbose=0):
+        super().__init__()
+        self.schedule = schedule
+        self.verbose = verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        model = self.model
+        official = model.ibot_loss.temperatures(epoch)
+        official = tuple(float(ops.convert_to_numpy(t)) for t in official)
+        value = self.schedule(epoch, official)
+        if value is not None and not isinstance(value, (tuple, list)):
+            value = (value, value)
+        for variable, temp in zip(
+            (model.teacher_temp_override, model.teacher_patch_temp_override),
+            (None, None) if value is None else value,
+        ):
+            if temp is not None and temp <= 0:
+                raise ValueError(f"Teacher temperatures must be positive; got {temp}.")
+            _set(variable, temp)
+        if self.verbose:
+            print(f"\nEpoch {epoch + 1}: teacher temperatures {value if value else official}.")
+
+    def on_train_end(self, logs=None):
+        _set(self.model.teacher_temp_override, None)
+        _set(self.model.teacher_patch_temp_override, None)
+
+
+class TeacherMomentumScheduler(keras.callbacks.Callback):
+    """Set the teacher EMA momentum per epoch: ``schedule(epoch, official_momentum)`` returns
+    a momentum in ``[0, 1]`` for the whole epoch, or ``None`` for the official per-iteration
+    cosine schedule (``official_momentum`` is its value at the first step of the epoch).
+    ``1.0`` freezes the teacher."""
+
+    def __init__(self, schedule, verbose=0):
+        super().__init__()
+        self.schedule = schedule
+        self.verbose = verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        model = self.model
+        official = 1.0 - float(ops.convert_to_numpy(model.momentum_schedule.one_minus(_current_step(model))))
+        value = self.schedule(epoch, official)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"Teacher momentum must be in [0, 1]; got {value}.")
+        _set(model.momentum_override, value)
+        if self.verbose:
+            print(f"\nEpoch {epoch + 1}: teacher momentum {official if value is None else value}.")
+
+    def on_train_end(self, logs=None):
+        _set(self.model.momentum_override, None)
+
+
+class TeacherStateMonitor(keras.callbacks.Callback):
+    """Adds the teacher's state to the epoch logs (progress bar, CSV, TensorBoard):
+
+    - ``center_norm``, ``patch_center_norm``: L2 norms of the two centers;
+    - ``teacher_student_gap``: relative distance ``||teacher - student|| / ||student||``
+      over the EMA-paired parameters (0 means the teacher is a copy; it grows while the
+      student moves faster than the EMA follows).
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        model = self.model
+        logs["center_norm"] = float(np.linalg.norm(ops.convert_to_numpy(model.ibot_loss.center)))
+        logs["patch_center_norm"] = float(
+            np.linalg.norm(ops.convert_to_numpy(model.ibot_loss.patch_center))
+        )
+        diff = total = 0.0
+        for student, teacher in model._ema_pairs:
+            s, t = ops.convert_to_numpy(student), ops.convert_to_numpy(teacher)
+            diff += float(np.sum((t - s) ** 2))
+            total += float(np.sum(s**2))
+        logs["teacher_student_gap"] = float(np.sqrt(diff / max(total, 1e-30)))
