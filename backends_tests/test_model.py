@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import assert_weights_close, to_numpy
 from trajectory import T, batches, build_fixture_model, fixture_config
 
-from ibot_keras import IBOT, IBOTAdamW, PretrainConfig, build_pretrainer, checkpoint
+from ibot_keras import IBOT, BlockMasking, IBOTAdamW, PretrainConfig, build_pretrainer, checkpoint
 
 
 def tiny_config(**overrides):
@@ -24,7 +24,7 @@ def tiny_batch(batch=2, ng=2, nl=2, size=16, local=8, grid=4, seed=0):
     rng = np.random.default_rng(seed)
     out = {
         "global_crops": rng.standard_normal((batch, ng, size, size, 3)).astype("float32"),
-        "masks": rng.random((batch, ng, grid, grid)) < 0.3,
+        "masks": BlockMasking(0.3, seed=seed).batch(batch, ng, grid, grid),
     }
     if nl:
         out["local_crops"] = rng.standard_normal((batch, nl, local, local, 3)).astype("float32")
@@ -91,6 +91,35 @@ def test_ema_after_fit_uses_student_weights():
     for name, var, _ in model.teacher_weights():
         expected = before_teacher[name] * (1 - one_minus_m) + student[name] * one_minus_m
         np.testing.assert_allclose(to_numpy(var), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_masked_subset_training_step_equals_the_full_one():
+    # Same weights, same batch: a capped model (patch logits at M masked-first positions)
+    # and an uncapped one give the same losses, centers and updated weights.
+    config = tiny_config(drop_path=0.0, lr=0.05, warmup_epochs=0, freeze_last_layer=0)
+    capped = build_pretrainer(config, steps_per_epoch=2)
+    assert capped.max_masked_patches == 4  # int(0.3 * 16)
+    full = IBOT.from_config({**capped.get_config(), "max_masked_patches": None})
+    full.compile(optimizer=IBOTAdamW.from_config(capped.optimizer.get_config()))
+    full.set_weights(capped.get_weights())
+    batch = stacked(tiny_batch(seed=1), tiny_batch(seed=2))
+    h1 = capped.fit(batch, batch_size=2, shuffle=False, epochs=1, verbose=0).history
+    h2 = full.fit(batch, batch_size=2, shuffle=False, epochs=1, verbose=0).history
+    for key in ("loss", "cls", "patch"):
+        assert h1[key][0] == pytest.approx(h2[key][0], rel=1e-5, abs=1e-6)
+    assert h1["masked_dropped"][0] == 0 and "masked_dropped" not in h2
+    np.testing.assert_allclose(to_numpy(capped.ibot_loss.patch_center), to_numpy(full.ibot_loss.patch_center), atol=1e-6)
+    lr_peak = 0.05 * 2 / 256
+    for a, b in zip(capped.weights, full.weights):
+        assert_weights_close(a.path, to_numpy(a), to_numpy(b), atol=2e-6, key_bias_atol=2 * lr_peak)
+
+
+def test_masks_beyond_the_cap_are_reported():
+    model = build_pretrainer(tiny_config(), steps_per_epoch=1)
+    batch = tiny_batch()
+    batch["masks"][:] = True  # 16 masked per crop, cap 4: 12 dropped in each of 4 crops
+    history = model.fit(batch, batch_size=2, epochs=1, verbose=0)
+    assert history.history["masked_dropped"][0] == 48
 
 
 # -- fit on variants ----------------------------------------------------------------------------

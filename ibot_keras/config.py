@@ -142,6 +142,19 @@ class PretrainConfig:
         return self.out_dim if (self.shared_head or self.shared_head_teacher) else self.patch_out_dim
 
     @property
+    def max_masked_patches(self):
+        """Most patches ``BlockMasking`` can mask in one global crop with these ratios:
+        ``floor(max(pred_ratio + pred_ratio_var) * N)`` (block masks stay below the target,
+        ``rand`` masks take ``int`` of it)."""
+        ratios = self.pred_ratio if isinstance(self.pred_ratio, tuple) else (self.pred_ratio,)
+        variances = self.pred_ratio_var
+        if not isinstance(variances, tuple):
+            variances = (variances,) * len(ratios)
+        highest = max(r + v for r, v in zip(ratios, variances))
+        num_patches = (self.global_crop_size // self.patch_size) ** 2
+        return min(num_patches, max(1, int(highest * num_patches)))
+
+    @property
     def scaled_lr(self):
         """Peak learning rate, ``lr * batch_size / 256`` (linear scaling rule)."""
         return self.lr * self.batch_size / 256.0
@@ -319,6 +332,7 @@ def build_pretrainer(config, steps_per_epoch, jit_compile="auto", seed=None):
         loss,
         steps_per_epoch=steps_per_epoch,
         momentum_teacher=config.momentum_teacher,
+        max_masked_patches=config.max_masked_patches,
         name="ibot",
     )
     optimizer = IBOTAdamW(

@@ -151,9 +151,15 @@ class IBOTLoss(keras.layers.Layer):
         epoch=0,
         update_center=True,
         temperatures=None,
+        teacher_patch_mean=None,
     ):
         """``temperatures``: optional ``(teacher_temp, teacher_patch_temp)`` that replace the
-        per-epoch schedule (used by ``ibot_keras.callbacks.TeacherTemperatureScheduler``)."""
+        per-epoch schedule (used by ``ibot_keras.callbacks.TeacherTemperatureScheduler``).
+
+        ``teacher_patch_mean``: optional ``(B, ng, Kp)`` mean of the teacher patch logits over
+        *all* patches of each crop, for the patch center. It lets callers pass patch logits of a
+        subset of positions (every masked one plus padding, marked by ``masks``): the loss reads
+        masked positions only, and the mean is the only use of the others."""
         ng = self.num_global_crops
         if masks is None:
             raise ValueError("IBOTLoss needs the masks of the global crops, (B, ng, N) bool.")
@@ -190,13 +196,16 @@ class IBOTLoss(keras.layers.Layer):
         loss_patch = self.lambda2 * ops.mean(ops.sum(per_view, axis=1)) / ng
 
         if update_center:
-            self.update_center(teacher_cls, teacher_patch)
+            if teacher_patch_mean is None:
+                teacher_patch_mean = ops.mean(teacher_patch, axis=2)
+            self.update_center(teacher_cls, ops.stop_gradient(f32(teacher_patch_mean)))
         return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
 
-    def update_center(self, teacher_cls, teacher_patch):
-        """EMA of the centers from raw teacher logits ``(B, ng, K)`` and ``(B, ng, N, Kp)``."""
+    def update_center(self, teacher_cls, teacher_patch_mean):
+        """EMA of the centers from raw teacher CLS logits ``(B, ng, K)`` and the per-crop mean
+        of the teacher patch logits over all patches ``(B, ng, Kp)``."""
         batch_center = ops.mean(teacher_cls, axis=(0, 1))[None]  # (1, K)
-        batch_patch_center = ops.mean(ops.mean(teacher_patch, axis=2), axis=(0, 1))[None, None]
+        batch_patch_center = ops.mean(teacher_patch_mean, axis=(0, 1))[None, None]
         batch_center = backend_specific.cross_replica_mean(batch_center)
         batch_patch_center = backend_specific.cross_replica_mean(batch_patch_center)
         for variable, batch_value, momentum in (

@@ -136,6 +136,10 @@ class IBOTHead(keras.layers.Layer):
             x = _ACTIVATIONS[layer](x) if isinstance(layer, str) else layer(x)
         return l2_normalize(x)
 
+    def patch_logits(self, z):
+        """Patch logits ``(..., Kp)`` from bottleneck outputs ``(..., bottleneck_dim)``."""
+        return self.last_layer2(z)
+
     def call(self, x):
         if len(x.shape) == 2:
             return self.last_layer(self.bottleneck(x))

@@ -39,6 +39,12 @@ class IBOT(PostOptimizerStep, keras.Model):
 
     The step counter, both centers and the teacher are model variables (saved with the
     weights); ``epoch = step // steps_per_epoch`` picks the teacher temperatures.
+
+    ``max_masked_patches``: an upper bound on masked patches per crop (``build_pretrainer``
+    derives it from ``pred_ratio``/``pred_ratio_var``); the training step then computes patch
+    logits at that many positions instead of all (see ``call``). A batch with more masked
+    patches loses the excess from the patch loss and counts it in the ``masked_dropped``
+    metric. ``None`` computes all positions.
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         ibot_loss,
         steps_per_epoch,
         momentum_teacher=0.996,
+        max_masked_patches=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,6 +74,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.ibot_loss = ibot_loss
         self.steps_per_epoch = int(steps_per_epoch)
         self.momentum_teacher = float(momentum_teacher)
+        self.max_masked_patches = None if max_masked_patches is None else max(1, int(max_masked_patches))
         self.epochs = ibot_loss.epochs
         self.num_global_crops = ibot_loss.num_global_crops
         self.num_local_crops = ibot_loss.num_local_crops
@@ -97,6 +105,8 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.wd_tracker = LastValue(name="wd")
         self.teacher_temp_tracker = LastValue(name="teacher_temp")
         self.momentum_tracker = LastValue(name="teacher_momentum")
+        # Masked positions beyond max_masked_patches (their patch loss is lost): must stay 0.
+        self.masked_dropped_tracker = keras.metrics.Sum(name="masked_dropped")
         self._ema_pairs = self._pair_teacher_with_student()
         self.copy_student_to_teacher()
         self.built = True
@@ -259,30 +269,63 @@ class IBOT(PostOptimizerStep, keras.Model):
 
     # -- forward ----------------------------------------------------------------------------
     def call(self, inputs, training=False):
+        """Teacher and student outputs for the loss (batch-first).
+
+        In training with ``max_masked_patches`` set, patch logits are computed only at
+        ``M = max_masked_patches`` positions per crop (every masked position first, then
+        padding), ``"masks"`` marks which are masked, and ``"teacher_patch_mean"`` carries
+        the teacher's mean patch logits over all patches for the center. The loss reads
+        nothing else, so the result is the same as with all ``N`` positions, for about half
+        the head cost. Otherwise (inference, or no cap) all ``N`` positions are returned.
+        """
         global_crops, local_crops, masks = self._unpack(inputs)
         batch = ops.shape(global_crops)[0]
         ng, nl = self.num_global_crops, self.num_local_crops
         _, _, height, width, channels = global_crops.shape
         rows, cols = masks.shape[2], masks.shape[3]
+        num_patches = rows * cols
         flat_globals = ops.reshape(global_crops, (-1, height, width, channels))
+        flat_masks = ops.reshape(masks, (-1, num_patches))
+        cap = self.max_masked_patches
+        subset = training and cap is not None and cap < num_patches
 
-        teacher_cls, teacher_patch = self.teacher_head(
-            self.teacher_backbone(flat_globals, training=False)
-        )
-        student_cls, student_patch = self.student_head(
-            self.student_backbone(
-                flat_globals, masks=ops.reshape(masks, (-1, rows, cols)), training=training
+        teacher_tokens = self.teacher_backbone(flat_globals, training=False)
+        student_masks = ops.reshape(masks, (-1, rows, cols)) if self.student_backbone.use_mask_token else None
+        student_tokens = self.student_backbone(flat_globals, masks=student_masks, training=training)
+        outputs = {}
+        if subset:
+            # Masked positions first (index order), then unmasked ones as padding.
+            order = ops.cast(flat_masks, "float32") - ops.arange(num_patches, dtype="float32") / (2.0 * num_patches)
+            _, index = ops.top_k(order, k=cap, sorted=True)  # (B*ng, M)
+            selected_masks = ops.take_along_axis(flat_masks, index, axis=1)
+
+            def gather(x):
+                wide = ops.broadcast_to(index[..., None], (ops.shape(x)[0], cap, x.shape[-1]))
+                return ops.take_along_axis(x, wide, axis=1)
+
+            teacher_z = self.teacher_head.bottleneck(teacher_tokens)  # (B*ng, 1+N, bottleneck)
+            teacher_cls = self.teacher_head.last_layer(teacher_z[:, 0])
+            teacher_patch = self.teacher_head.patch_logits(gather(teacher_z[:, 1:]))
+            # The prototype layer is linear: mean of logits = logits of the mean.
+            teacher_patch_mean = self.teacher_head.patch_logits(ops.mean(teacher_z[:, 1:], axis=1))
+            outputs["teacher_patch_mean"] = ops.stop_gradient(ops.reshape(teacher_patch_mean, (batch, ng, -1)))
+            student_input = ops.concatenate([student_tokens[:, :1], gather(student_tokens[:, 1:])], axis=1)
+            student_cls, student_patch = self.student_head(student_input)
+            outputs["masked_dropped"] = ops.sum(
+                ops.maximum(ops.sum(ops.cast(flat_masks, "int32"), axis=1) - cap, 0)
             )
+            positions, loss_masks = cap, selected_masks
+        else:
+            teacher_cls, teacher_patch = self.teacher_head(teacher_tokens)
+            student_cls, student_patch = self.student_head(student_tokens)
+            positions, loss_masks = num_patches, flat_masks
+        outputs.update(
+            student_cls=ops.reshape(student_cls, (batch, ng, -1)),
+            student_patch=ops.reshape(student_patch, (batch, ng, positions, -1)),
+            teacher_cls=ops.stop_gradient(ops.reshape(teacher_cls, (batch, ng, -1))),
+            teacher_patch=ops.stop_gradient(ops.reshape(teacher_patch, (batch, ng, positions, -1))),
+            masks=ops.reshape(loss_masks, (batch, ng, positions)),
         )
-        outputs = {
-            "student_cls": ops.reshape(student_cls, (batch, ng, -1)),
-            "student_patch": ops.reshape(student_patch, (batch, ng, rows * cols, -1)),
-            "teacher_cls": ops.stop_gradient(ops.reshape(teacher_cls, (batch, ng, -1))),
-            "teacher_patch": ops.stop_gradient(
-                ops.reshape(teacher_patch, (batch, ng, rows * cols, -1))
-            ),
-            "masks": ops.reshape(masks, (batch, ng, rows * cols)),
-        }
         if nl:
             _, _, lh, lw, _ = local_crops.shape
             local_tokens = self.student_backbone(
@@ -323,7 +366,10 @@ class IBOT(PostOptimizerStep, keras.Model):
             epoch=epoch,
             update_center=training,
             temperatures=temperatures,
+            teacher_patch_mean=y_pred.get("teacher_patch_mean"),
         )
+        if "masked_dropped" in y_pred:
+            self.masked_dropped_tracker.update_state(y_pred["masked_dropped"])
         self.cls_tracker.update_state(out["cls"])
         self.patch_tracker.update_state(out["patch"])
         self.teacher_temp_tracker.update_state(temperatures[0])
@@ -350,10 +396,12 @@ class IBOT(PostOptimizerStep, keras.Model):
 
     @property
     def metrics(self):
-        metrics = super().metrics
+        hidden = []
         if self.optimizer is None:
-            return [m for m in metrics if m not in (self.lr_tracker, self.wd_tracker)]
-        return metrics
+            hidden += [self.lr_tracker, self.wd_tracker]
+        if self.max_masked_patches is None:
+            hidden.append(self.masked_dropped_tracker)
+        return [m for m in super().metrics if all(m is not h for h in hidden)]
 
     # -- serialization ------------------------------------------------------------------------
     def get_config(self):
@@ -367,5 +415,6 @@ class IBOT(PostOptimizerStep, keras.Model):
             ibot_loss=serialize(self.ibot_loss),
             steps_per_epoch=self.steps_per_epoch,
             momentum_teacher=self.momentum_teacher,
+            max_masked_patches=self.max_masked_patches,
         )
         return config
