@@ -108,7 +108,7 @@ def test_same_seed_same_batches_and_epochs_differ():
     assert batch_a["global_crops"].shape == (4, 2, 16, 16, 3)
     assert batch_a["local_crops"].shape == (4, 2, 8, 8, 3)
     assert batch_a["masks"].shape == (4, 2, 4, 4) and batch_a["masks"].dtype == bool
-    a.on_epoch_end()
+    a.set_epoch(1)
     assert not np.array_equal(a[1][0]["global_crops"], batch_a["global_crops"])
 
 
@@ -157,3 +157,30 @@ def test_small_images_are_upscaled():
     aug = MultiCropAugmentation(1, 1, global_crop_size=32, local_crop_size=16)
     globals_, locals_ = aug(np.zeros((8, 8), np.uint8), np.random.default_rng(0))
     assert globals_[0].shape == (32, 32, 3) and locals_[0].shape == (16, 16, 3)
+
+
+def test_loader_feeds_fit_end_to_end():
+    """The README's API flow at toy size: images -> loader -> build_pretrainer -> fit."""
+    import ibot_keras
+
+    images = np.random.default_rng(0).integers(0, 255, (16, 40, 40, 3), dtype=np.uint8)
+    config = ibot_keras.PretrainConfig(
+        arch="vit_tiny", patch_size=8, depth=1, embed_dim=32, num_heads=2, image_size=32,
+        global_crop_size=32, local_crop_size=16, out_dim=64, patch_out_dim=64, head_hidden_dim=32,
+        head_bottleneck_dim=16, shared_head=True, local_crops_number=3, pred_ratio=(0.0, 0.3),
+        pred_ratio_var=(0.0, 0.2), batch_size=8, epochs=2, warmup_teacher_temp_epochs=1, warmup_epochs=1,
+    )
+    loader = MultiCropLoader(
+        ArraySource(images),
+        MultiCropAugmentation(2, 3, config.global_crops_scale, config.local_crops_scale, 32, 16),
+        BlockMasking(config.pred_ratio, config.pred_ratio_var),
+        config.patch_size,
+        config.batch_size,
+    )
+    model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(loader))
+    history = model.fit(loader, epochs=config.epochs, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.all(np.isfinite(history.history["loss"]))
+    assert history.history["masked_dropped"] == [0.0, 0.0]
+    assert loader.epoch == 1  # fit set the epoch of each epoch (new crops and masks)
+    model.fit(loader, epochs=4, initial_epoch=3, verbose=0)
+    assert loader.epoch == 3

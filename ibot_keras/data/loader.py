@@ -15,8 +15,9 @@ class MultiCropLoader(keras.utils.PyDataset):
     Every image's crops and masks are drawn from a generator seeded by
     ``(seed, epoch, index in the epoch's order)``, so a batch depends only on those numbers:
     the same seed gives the same batches, workers (threads) cannot change them, and
-    resuming at an epoch/step replays exactly. Call ``set_epoch(e)`` (or let ``on_epoch_end``
-    advance it) as the official loop calls ``dataset.set_epoch``.
+    resuming at an epoch/step replays exactly. The epoch is set by ``set_epoch(e)``, as the
+    official loop calls ``dataset.set_epoch``; ``IBOT.fit`` does it for you (it adds
+    ``epoch_callback()``, which sets it before Keras starts fetching each epoch's batches).
 
     Args:
         source: an ``ArraySource``, ``ImageFolderSource`` or anything with ``len`` and
@@ -69,8 +70,9 @@ class MultiCropLoader(keras.utils.PyDataset):
         self.epoch = int(epoch)
         self.masking.set_epoch(self.epoch)
 
-    def on_epoch_end(self):
-        self.set_epoch(self.epoch + 1)
+    def epoch_callback(self):
+        """A Keras callback that calls ``set_epoch`` at the start of every ``fit`` epoch."""
+        return _SetLoaderEpoch(self)
 
     def order(self, epoch=None):
         """The image order of an epoch."""
@@ -104,3 +106,12 @@ class MultiCropLoader(keras.utils.PyDataset):
         if self.augmentation.local_crops_number:
             batch["local_crops"] = np.stack([np.stack(l) for _, l, _ in samples])
         return (batch,)
+
+
+class _SetLoaderEpoch(keras.callbacks.Callback):
+    def __init__(self, loader):
+        super().__init__()
+        self.loader = loader
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.loader.set_epoch(epoch)

@@ -195,6 +195,13 @@ class IBOT(PostOptimizerStep, keras.Model):
         """Student variables frozen during the first ``freeze_last_layer`` epochs."""
         return [var for name, var, _ in self.student_weights() if "last_layer" in name]
 
+    def fit(self, x=None, *args, callbacks=None, **kwargs):
+        """``keras.Model.fit``; a data source with ``epoch_callback()`` (``MultiCropLoader``)
+        gets its epoch set at the start of every epoch, as the official loop does."""
+        if hasattr(x, "epoch_callback"):
+            callbacks = list(callbacks or []) + [x.epoch_callback()]
+        return super().fit(x, *args, callbacks=callbacks, **kwargs)
+
     def compile(self, optimizer="adamw", **kwargs):
         super().compile(optimizer=optimizer, **kwargs)
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
