@@ -209,6 +209,24 @@ class IBOT(PostOptimizerStep, keras.Model):
             inner.freeze_variables(self.last_layer_variables())
 
     # -- inputs -----------------------------------------------------------------------------
+    def _check_crops(self, key, kind, crops, count, setting):
+        """Validate ``(B, count, H, W, C)`` crops; returns the patch grid ``(H/p, W/p)``."""
+        shape = tuple(crops.shape)
+        p, channels = self.student_backbone.patch_size, self.student_backbone.in_channels
+        if len(shape) != 5 or shape[-1] != channels:
+            raise ValueError(
+                f"'{key}' must be (B, {'ng' if kind == 'Global' else 'nl'}, H, W, {channels}) "
+                f"channels-last; got shape {shape}."
+            )
+        if shape[1] != count:
+            raise ValueError(
+                f"'{key}' has {shape[1]} crops per image but the model was configured with "
+                f"{setting}={count}."
+            )
+        if shape[2] % p or shape[3] % p:
+            raise ValueError(f"{kind} crop size {shape[2]}x{shape[3]} is not a multiple of patch_size={p}.")
+        return shape[2] // p, shape[3] // p
+
     def _unpack(self, inputs):
         if not isinstance(inputs, dict):
             raise ValueError(
@@ -221,29 +239,14 @@ class IBOT(PostOptimizerStep, keras.Model):
         if "global_crops" not in inputs:
             raise ValueError("The batch has no 'global_crops' (B, ng, H, W, C).")
         global_crops = inputs["global_crops"]
-        shape = tuple(global_crops.shape)
         ng, nl, p = self.num_global_crops, self.num_local_crops, self.student_backbone.patch_size
-        channels = self.student_backbone.in_channels
-        if len(shape) != 5 or shape[-1] != channels:
-            raise ValueError(
-                f"'global_crops' must be (B, ng, H, W, {channels}) channels-last; got shape {shape}."
-            )
-        if shape[1] != ng:
-            raise ValueError(
-                f"'global_crops' has {shape[1]} crops per image but the model was configured with "
-                f"global_crops_number={ng}."
-            )
-        if shape[2] % p or shape[3] % p:
-            raise ValueError(
-                f"Global crop size {shape[2]}x{shape[3]} is not a multiple of patch_size={p}."
-            )
-        rows, cols = shape[2] // p, shape[3] // p
+        rows, cols = self._check_crops("global_crops", "Global", global_crops, ng, "global_crops_number")
         masks = inputs.get("masks")
         if masks is None:
             masks = ops.zeros((ops.shape(global_crops)[0], ng, rows, cols), "bool")
         elif tuple(masks.shape[1:]) != (ng, rows, cols):
             raise ValueError(
-                f"'masks' must be (B, {ng}, {rows}, {cols}) for {shape[2]}x{shape[3]} global crops "
+                f"'masks' must be (B, {ng}, {rows}, {cols}) for {rows * p}x{cols * p} global crops "
                 f"with patch_size={p}; got shape {tuple(masks.shape)}."
             )
         masks = ops.cast(masks, "bool")
@@ -254,20 +257,7 @@ class IBOT(PostOptimizerStep, keras.Model):
                     f"The model was configured with local_crops_number={nl} but the batch has no "
                     "'local_crops'."
                 )
-            lshape = tuple(local_crops.shape)
-            if len(lshape) != 5 or lshape[-1] != channels:
-                raise ValueError(
-                    f"'local_crops' must be (B, nl, h, w, {channels}) channels-last; got shape {lshape}."
-                )
-            if lshape[1] != nl:
-                raise ValueError(
-                    f"'local_crops' has {lshape[1]} crops per image but the model was configured "
-                    f"with local_crops_number={nl}."
-                )
-            if lshape[2] % p or lshape[3] % p:
-                raise ValueError(
-                    f"Local crop size {lshape[2]}x{lshape[3]} is not a multiple of patch_size={p}."
-                )
+            self._check_crops("local_crops", "Local", local_crops, nl, "local_crops_number")
         elif local_crops is not None and local_crops.shape[1]:
             raise ValueError(
                 "The batch has 'local_crops' but the model was configured with local_crops_number=0."
