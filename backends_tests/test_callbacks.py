@@ -63,3 +63,28 @@ def test_state_monitor_logs():
     assert logs["center_norm"] == pytest.approx(float(np.linalg.norm(to_numpy(model.ibot_loss.center))), rel=1e-6)
     assert logs["patch_center_norm"] > 0
     assert logs["teacher_student_gap"] > 0  # the student moved, the EMA lags behind
+
+
+def test_collapse_diagnostics_and_warning():
+    from ibot_keras.callbacks import CollapseMonitor
+
+    model = build_pretrainer(tiny_config(drop_path=0.0), steps_per_epoch=1)
+    batch = tiny_batch()
+    out = model(batch, training=False)
+    # Independent NumPy computation of the diagnostics on the same teacher outputs.
+    logits = to_numpy(out["teacher_cls"]).reshape(-1, 32) / 0.04  # centers are zero, epoch-0 temp
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(-1).mean()
+    mean_p = p.mean(0)
+    batch_entropy = -(mean_p * np.log(mean_p)).sum()
+    usage = len(set(logits.argmax(-1))) / 32
+    monitor = CollapseMonitor(uniform_fraction=0.0)  # flags every epoch: checks the wiring
+    with pytest.warns(UserWarning, match="looks collapsed"):
+        history = model.fit(batch, batch_size=2, epochs=1, verbose=0, callbacks=[monitor])
+    logs = {k: v[0] for k, v in history.history.items()}
+    assert logs["teacher_entropy"] == pytest.approx(entropy, rel=1e-4)
+    assert logs["teacher_batch_entropy"] == pytest.approx(batch_entropy, rel=1e-4)
+    assert logs["prototype_usage"] == pytest.approx(usage)
+    assert logs["kl"] == pytest.approx(logs["cls"] - entropy, rel=1e-4, abs=1e-5)
+    assert monitor.collapsed_epochs == [0]

@@ -134,7 +134,11 @@ def main(argv=None):
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(loader))
     random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
 
-    callbacks = [keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv"))]
+    callbacks = [
+        keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv")),
+        ibot_keras.callbacks.TeacherStateMonitor(),
+        ibot_keras.callbacks.CollapseMonitor(),
+    ]
     start = time.time()
     model.fit(loader, epochs=config.epochs, callbacks=callbacks, verbose=args.verbose)
     train_time = time.time() - start

@@ -5,6 +5,8 @@ every step (the per-step arithmetic itself stays inside the step). A callback th
 variables every batch would force a full state sync on JAX and slow training several times.
 """
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -80,6 +82,45 @@ class TeacherMomentumScheduler(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         _set(self.model.momentum_override, None)
+
+
+class CollapseMonitor(keras.callbacks.Callback):
+    """Warns at the end of an epoch when the teacher looks collapsed, from the epoch means of
+    the model's diagnostics (see ``IBOT._update_collapse_diagnostics``):
+
+    - uniform collapse: ``teacher_entropy`` above ``uniform_fraction * log(out_dim)``;
+    - single-prototype collapse: ``teacher_batch_entropy`` below
+      ``single_fraction * log(out_dim)``.
+
+    Remedies users report for DINO-style training: a lower teacher temperature (sharpening),
+    a longer ``freeze_last_layer``, a larger ``out_dim``, more data or longer training.
+    ``collapsed_epochs`` lists the epochs that were flagged.
+    """
+
+    def __init__(self, uniform_fraction=0.97, single_fraction=0.05):
+        super().__init__()
+        self.uniform_fraction = uniform_fraction
+        self.single_fraction = single_fraction
+        self.collapsed_epochs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs or "teacher_entropy" not in logs:
+            return
+        log_k = float(np.log(self.model.ibot_loss.out_dim))
+        kind = None
+        if logs["teacher_entropy"] > self.uniform_fraction * log_k:
+            kind = "uniform"
+        elif logs["teacher_batch_entropy"] < self.single_fraction * log_k:
+            kind = "single-prototype"
+        if kind:
+            self.collapsed_epochs.append(epoch)
+            warnings.warn(
+                f"Epoch {epoch + 1}: the teacher looks collapsed ({kind}): teacher_entropy "
+                f"{logs['teacher_entropy']:.3f}, teacher_batch_entropy {logs['teacher_batch_entropy']:.3f}, "
+                f"log(out_dim) {log_k:.3f}. Try a lower teacher temperature, a longer "
+                "freeze_last_layer, a larger out_dim, or more data.",
+                stacklevel=2,
+            )
 
 
 class TeacherStateMonitor(keras.callbacks.Callback):

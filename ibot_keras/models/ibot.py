@@ -105,6 +105,11 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.wd_tracker = LastValue(name="wd")
         self.teacher_temp_tracker = LastValue(name="teacher_temp")
         self.momentum_tracker = LastValue(name="teacher_momentum")
+        # Collapse diagnostics of the teacher's CLS distributions (see compute_loss).
+        self.teacher_entropy_tracker = keras.metrics.Mean(name="teacher_entropy")
+        self.teacher_batch_entropy_tracker = keras.metrics.Mean(name="teacher_batch_entropy")
+        self.kl_tracker = keras.metrics.Mean(name="kl")
+        self.prototype_usage_tracker = keras.metrics.Mean(name="prototype_usage")
         # Masked positions beyond max_masked_patches (their patch loss is lost): must stay 0.
         self.masked_dropped_tracker = keras.metrics.Sum(name="masked_dropped")
         self._ema_pairs = self._pair_teacher_with_student()
@@ -353,6 +358,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         step = ops.convert_to_tensor(self.step)
         epoch = step // self.steps_per_epoch
         temperatures = self.teacher_temperatures(step)
+        teacher_entropy = self._update_collapse_diagnostics(y_pred["teacher_cls"], temperatures[0])
         out = self.ibot_loss(
             y_pred["student_cls"],
             y_pred["student_patch"],
@@ -367,6 +373,9 @@ class IBOT(PostOptimizerStep, keras.Model):
         )
         if "masked_dropped" in y_pred:
             self.masked_dropped_tracker.update_state(y_pred["masked_dropped"])
+        if self.ibot_loss.lambda1:
+            # KL(teacher || student) averaged over the CLS pairs = CE - teacher entropy.
+            self.kl_tracker.update_state(out["cls"] / self.ibot_loss.lambda1 - teacher_entropy)
         self.cls_tracker.update_state(out["cls"])
         self.patch_tracker.update_state(out["patch"])
         self.teacher_temp_tracker.update_state(temperatures[0])
@@ -378,6 +387,32 @@ class IBOT(PostOptimizerStep, keras.Model):
             if wd is not None:
                 self.wd_tracker.update_state(_schedule_value(wd, step))
         return out["loss"]
+
+    def _update_collapse_diagnostics(self, teacher_cls, temp):
+        """Teacher CLS distribution statistics (nats), with the centers the loss uses:
+
+        - ``teacher_entropy``: mean entropy of a teacher output. Near ``log(out_dim)`` with a
+          small ``kl``: uniform collapse (every image gets the same flat distribution).
+        - ``teacher_batch_entropy``: entropy of the batch-mean teacher output. Near 0: one
+          prototype wins for every image (the other collapse).
+        - ``kl``: KL(teacher || student) over the loss's view pairs: what is left to learn.
+        - ``prototype_usage``: fraction of prototypes that are the teacher's argmax for at
+          least one crop of the batch.
+        Healthy training keeps ``teacher_entropy`` well below ``log(out_dim)`` and
+        ``teacher_batch_entropy`` well above 0.
+        """
+        logits = (ops.cast(teacher_cls, "float32") - ops.convert_to_tensor(self.ibot_loss.center)) / temp
+        logits = ops.reshape(logits, (-1, logits.shape[-1]))
+        log_p = ops.log_softmax(logits, axis=-1)
+        p = ops.exp(log_p)
+        entropy = -ops.mean(ops.sum(p * log_p, axis=-1))
+        mean_p = ops.mean(p, axis=0)
+        batch_entropy = -ops.sum(mean_p * ops.log(ops.maximum(mean_p, 1e-30)))
+        winners = ops.max(ops.one_hot(ops.argmax(logits, axis=-1), logits.shape[-1]), axis=0)
+        self.teacher_entropy_tracker.update_state(entropy)
+        self.teacher_batch_entropy_tracker.update_state(batch_entropy)
+        self.prototype_usage_tracker.update_state(ops.mean(winners))
+        return entropy
 
     def after_optimizer_step(self):
         """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step)."""
