@@ -27,6 +27,7 @@ import ibot_keras
 from ibot_keras import BlockMasking, PretrainConfig
 from ibot_keras.data import ArraySource, ImageFolderSource, MultiCropAugmentation, MultiCropLoader, load_digits
 from ibot_keras.eval import eval_views, extract_features, knn_classify
+from ibot_keras.resume import TrainingCheckpoint, restore_training_state
 
 # Small-data defaults for the embedded digits (official values are PretrainConfig's).
 DIGITS_DEFAULTS = dict(
@@ -116,7 +117,15 @@ def main(argv=None):
     args = parser().parse_args(argv)
     config = make_config(args)
     os.makedirs(config.output_dir, exist_ok=True)
-    config.save(os.path.join(config.output_dir, "config.json"))
+    config_path = os.path.join(config.output_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = json.load(f)
+        changed = sorted(k for k, v in config.to_dict().items() if json.loads(json.dumps(v)) != previous.get(k))
+        if changed:
+            print(f"warning: {config.output_dir} was started with other settings ({', '.join(changed)}); "
+                  "resuming with the new ones changes the schedules.", file=sys.stderr)
+    config.save(config_path)
     with open(os.path.join(config.output_dir, "args.txt"), "w") as f:
         f.write("\n".join(f"{k}: {v}" for k, v in sorted(config.to_dict().items())) + "\n")
     print(f"backend: {keras.backend.backend()}, output: {config.output_dir}")
@@ -132,15 +141,26 @@ def main(argv=None):
         workers=config.num_workers, use_multiprocessing=False,
     )
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(loader))
-    random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
+    # Re-running the same command with the same --output_dir resumes where it stopped.
+    initial_epoch = restore_training_state(model, config.output_dir)
+    init_path = os.path.join(config.output_dir, "knn_at_init.json")
+    if initial_epoch == 0:
+        random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
+        with open(init_path, "w") as f:
+            json.dump({"knn_top1": random_top1}, f)
+    else:
+        print(f"Resuming after epoch {initial_epoch} from {config.output_dir}")
+        with open(init_path) as f:
+            random_top1 = json.load(f)["knn_top1"]
 
     callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv")),
+        keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv"), append=initial_epoch > 0),
+        TrainingCheckpoint(config.output_dir, keep_freq=config.saveckp_freq),
         ibot_keras.callbacks.TeacherStateMonitor(),
         ibot_keras.callbacks.CollapseMonitor(),
     ]
     start = time.time()
-    model.fit(loader, epochs=config.epochs, callbacks=callbacks, verbose=args.verbose)
+    model.fit(loader, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose)
     train_time = time.time() - start
     model.teacher_backbone.save(os.path.join(config.output_dir, "teacher_backbone.keras"))
     model.teacher_backbone.save_weights(os.path.join(config.output_dir, "teacher_backbone.weights.h5"))

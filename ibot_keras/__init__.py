@@ -3,6 +3,7 @@
 from ibot_keras import callbacks
 from ibot_keras import checkpoint
 from ibot_keras import layers
+from ibot_keras import resume
 from ibot_keras import schedules
 from ibot_keras.config import PretrainConfig
 from ibot_keras.config import build_pretrainer
@@ -31,6 +32,7 @@ __all__ = [
     "callbacks",
     "checkpoint",
     "layers",
+    "resume",
     "schedules",
     "vit_base",
     "vit_large",

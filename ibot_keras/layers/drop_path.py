@@ -24,6 +24,20 @@ class DropPath(keras.layers.Layer):
         noise = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)
         return x * (ops.floor(keep + noise) / keep)
 
+    # The random state is part of the training state: a resumed run must draw the same
+    # drop-path masks. Keras does not save SeedGenerator state with the weights by itself.
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.rate > 0.0:
+            store["seed_state"] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        if "seed_state" in store.keys():
+            if self.rate > 0.0:
+                self.seed_generator.state.assign(store["seed_state"])
+            store = {key: store[key] for key in store.keys() if key != "seed_state"}
+        super().load_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         config.update(rate=self.rate, seed=self.seed)

@@ -202,9 +202,12 @@ class IBOT(PostOptimizerStep, keras.Model):
 
     def fit(self, x=None, *args, callbacks=None, **kwargs):
         """``keras.Model.fit``; a data source with ``epoch_callback()`` (``MultiCropLoader``)
-        gets its epoch set at the start of every epoch, as the official loop does."""
+        gets its epoch set at the start of every epoch, as the official loop does, and keeps
+        its own per-epoch order (Keras would otherwise shuffle the batch order with a random
+        state that no checkpoint captures)."""
         if hasattr(x, "epoch_callback"):
             callbacks = list(callbacks or []) + [x.epoch_callback()]
+            kwargs["shuffle"] = False
         return super().fit(x, *args, callbacks=callbacks, **kwargs)
 
     def compile(self, optimizer="adamw", **kwargs):
