@@ -14,6 +14,7 @@ initialisation.
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -159,6 +160,8 @@ def main(argv=None):
         ibot_keras.callbacks.TeacherStateMonitor(),
         ibot_keras.callbacks.CollapseMonitor(),
     ]
+    if all(importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")):  # the writer needs both
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.output_dir, "tensorboard")))
     start = time.time()
     model.fit(loader, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose)
     train_time = time.time() - start
