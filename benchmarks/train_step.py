@@ -26,20 +26,17 @@ import subprocess
 import sys
 import time
 
+BASELINE_CPU = dict(
+    arch="vit_tiny", patch_size=16, out_dim=8192, patch_out_dim=8192, shared_head=True,
+    norm_last_layer=False, batch_size=8, global_crops_number=2, local_crops_number=2,
+    global_crop_size=224, local_crop_size=96, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+    epochs=800, pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), drop_path=0.1,
+    policy="float32", steps_per_epoch=100, start_epoch=1,
+)
 CONFIGS = {
-    "baseline-cpu": dict(
-        arch="vit_tiny", patch_size=16, out_dim=8192, patch_out_dim=8192, shared_head=True,
-        norm_last_layer=False, batch_size=8, global_crops_number=2, local_crops_number=2,
-        global_crop_size=224, local_crop_size=96, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-        epochs=800, pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), drop_path=0.1,
-        policy="float32", steps_per_epoch=100, start_epoch=1,
-    ),
+    "baseline-cpu": BASELINE_CPU,
     "vit-s16-gpu": dict(
-        arch="vit_small", patch_size=16, out_dim=8192, patch_out_dim=8192, shared_head=True,
-        norm_last_layer=False, batch_size=64, global_crops_number=2, local_crops_number=10,
-        global_crop_size=224, local_crop_size=96, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-        epochs=800, pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), drop_path=0.1,
-        policy="mixed_bfloat16", steps_per_epoch=100, start_epoch=1,
+        BASELINE_CPU, arch="vit_small", batch_size=64, local_crops_number=10, policy="mixed_bfloat16"
     ),
 }
 

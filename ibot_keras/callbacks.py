@@ -20,7 +20,14 @@ def _current_step(model):
     return ops.convert_to_tensor(model.step)
 
 
-class TeacherTemperatureScheduler(keras.callbacks.Callback):
+class _EpochScheduler(keras.callbacks.Callback):
+    def __init__(self, schedule, verbose=0):
+        super().__init__()
+        self.schedule = schedule
+        self.verbose = verbose
+
+
+class TeacherTemperatureScheduler(_EpochScheduler):
     """Set the teacher temperatures per epoch, like ``keras.callbacks.LearningRateScheduler``.
 
     ``schedule(epoch, (temp, patch_temp))`` receives the official values for that epoch and
@@ -31,11 +38,6 @@ class TeacherTemperatureScheduler(keras.callbacks.Callback):
 
         TeacherTemperatureScheduler(lambda epoch, temps: 0.02 if epoch < 10 else None)
     """
-
-    def __init__(self, schedule, verbose=0):
-        super().__init__()
-        self.schedule = schedule
-        self.verbose = verbose
 
     def on_epoch_begin(self, epoch, logs=None):
         model = self.model
@@ -59,16 +61,11 @@ class TeacherTemperatureScheduler(keras.callbacks.Callback):
         _set(self.model.teacher_patch_temp_override, None)
 
 
-class TeacherMomentumScheduler(keras.callbacks.Callback):
+class TeacherMomentumScheduler(_EpochScheduler):
     """Set the teacher EMA momentum per epoch: ``schedule(epoch, official_momentum)`` returns
     a momentum in ``[0, 1]`` for the whole epoch, or ``None`` for the official per-iteration
     cosine schedule (``official_momentum`` is its value at the first step of the epoch).
     ``1.0`` freezes the teacher."""
-
-    def __init__(self, schedule, verbose=0):
-        super().__init__()
-        self.schedule = schedule
-        self.verbose = verbose
 
     def on_epoch_begin(self, epoch, logs=None):
         model = self.model
