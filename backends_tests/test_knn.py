@@ -44,3 +44,40 @@ def test_well_separated_clusters_and_shuffled_labels():
     shuffled = rng.permutation(labels)
     top1, _ = knn_classify(features[:400], shuffled[:400], features[400:], shuffled[400:], 5, k=20)
     assert top1 < 35  # chance is 20%
+
+
+def test_ties_and_k_larger_than_a_class():
+    # Duplicated training points tie in similarity (all copies share a label, so which copy
+    # is picked does not matter); classes of 3 samples with k = 7 force votes across classes;
+    # two classes with equal votes rank by class index in both implementations.
+    rng = np.random.default_rng(3)
+    base = normalized(rng.standard_normal((6, 8)))
+    train = np.concatenate([base, base, base])  # 18 points, each direction 3 times
+    train_labels = np.tile(np.arange(6), 3)
+    test = normalized(base[[0, 2, 4]] + 0.01)
+    test_labels = np.array([0, 2, 4])
+    for k in (3, 7, 18):
+        ours = knn_classify(train, train_labels, test, test_labels, 6, k=k, chunk_size=2)
+        assert ours == pytest.approx(numpy_knn(train, train_labels, test, test_labels, 6, k))
+    equal = np.array([[1.0, 0.0], [0.0, 1.0]])
+    query = normalized(np.array([[1.0, 1.0]]))
+    assert knn_classify(equal, [1, 0], query, [0], 2, k=2) == (100.0, 100.0)  # tie -> class 0
+
+
+def test_knn_monitor_adds_logs():
+    import keras
+
+    from ibot_keras import build_pretrainer
+    from ibot_keras.eval import KNNMonitor, extract_features
+    from test_model import tiny_batch, tiny_config
+
+    model = build_pretrainer(tiny_config(), steps_per_epoch=1)
+    rng = np.random.default_rng(0)
+    views = rng.standard_normal((40, 16, 16, 3)).astype("float32")
+    labels = rng.integers(0, 3, 40)
+    monitor = KNNMonitor(views[:30], labels[:30], views[30:], labels[30:], every=2, k=5)
+    history = model.fit(tiny_batch(), batch_size=2, epochs=2, verbose=0, callbacks=[monitor])
+    assert "knn_top1" in history.history and len(history.history["knn_top1"]) == 1  # epoch 2 only
+    features = extract_features(model.teacher_backbone, views)
+    expected = knn_classify(features[:30], labels[:30], features[30:], labels[30:], 3, k=5)
+    assert history.history["knn_top1"][0] == pytest.approx(expected[0])
