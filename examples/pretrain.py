@@ -10,9 +10,21 @@ for the embedded scikit-learn digits (1,797 real 8x8 images) so a run finishes i
 two CPU cores; the official defaults apply when you pass ``--official_defaults``.
 At the end the teacher's k-NN accuracy is printed next to the same network at
 initialisation.
+
+Data parallel (``--distribute``; ``--batch_size`` is the global batch, ``--batch_size_per_gpu``
+is multiplied by the device count; every number as on one device with the whole batch):
+
+    KERAS_BACKEND=jax python examples/pretrain.py --distribute           # all local devices
+    KERAS_DISTRIBUTION_JOB_ADDRESSES=host0:1234,host1:1234 KERAS_DISTRIBUTION_NUM_PROCESSES=2 \
+        KERAS_DISTRIBUTION_PROCESS_ID=<0|1> KERAS_BACKEND=jax python examples/pretrain.py --distribute
+    KERAS_BACKEND=tensorflow python examples/pretrain.py --distribute    # MirroredStrategy, local GPUs
+    KERAS_BACKEND=torch torchrun --nproc_per_node=2 examples/pretrain.py --distribute  # gloo / NCCL
+
+Only the first process (rank 0) writes logs, checkpoints and the saved teacher.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -65,20 +77,22 @@ def parser():
         else:
             p.add_argument(f"--{field.name}", type=kind)
     p.add_argument("--batch_size_per_gpu", type=int, help="official name; times the device count")
+    p.add_argument("--distribute", action="store_true", help="data parallel: JAX DataParallel (multi-host with "
+                   "KERAS_DISTRIBUTION_* set), TF MirroredStrategy, torch DDP ranks (launch with torchrun)")
     p.add_argument("--dataset", default="digits", help="digits (embedded, default), or a keras.datasets name (cifar10, cifar100, mnist, fashion_mnist; downloads)")
     p.add_argument("--official_defaults", action="store_true", help="start from the official defaults, not the digits ones")
     p.add_argument("--verbose", type=int, default=1)
     return p
 
 
-def make_config(args):
+def make_config(args, num_replicas=1):
     values = {} if args.official_defaults else dict(DIGITS_DEFAULTS)
     for field in dataclasses.fields(PretrainConfig):
         value = getattr(args, field.name)
         if value is not None:
             values[field.name] = value
     if args.batch_size_per_gpu:
-        values["batch_size"] = args.batch_size_per_gpu * max(1, len(keras.distribution.list_devices()))
+        values["batch_size"] = args.batch_size_per_gpu * num_replicas
     return PretrainConfig(**values)
 
 
@@ -114,22 +128,50 @@ def knn_report(backbone, source, size, seed=0):
     return top1
 
 
+@contextlib.contextmanager
+def undistributed():
+    """Evaluation runs whole on each process: lift JAX's DataParallel (it would shard
+    ``predict``'s last, partial batch over the devices)."""
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
-    config = make_config(args)
+    if args.distribute:
+        parallel = ibot_keras.backend_specific.data_parallel()
+    else:
+        parallel = ibot_keras.backend_specific.DataParallelSetup(contextlib.nullcontext(), 0, 1, 1)
+    with parallel.scope:
+        return train(args, parallel)
+
+
+def train(args, parallel):
+    config = make_config(args, parallel.num_replicas)
+    chief = parallel.shard_index == 0  # the process that writes files
+    if not chief:
+        args.verbose = 0
+    if config.batch_size % parallel.num_replicas:
+        raise ValueError(f"batch_size={config.batch_size} does not split over {parallel.num_replicas} devices.")
     os.makedirs(config.output_dir, exist_ok=True)
     config_path = os.path.join(config.output_dir, "config.json")
-    if os.path.exists(config_path):
+    if chief and os.path.exists(config_path):
         with open(config_path) as f:
             previous = json.load(f)
         changed = sorted(k for k, v in config.to_dict().items() if json.loads(json.dumps(v)) != previous.get(k))
         if changed:
             print(f"warning: {config.output_dir} was started with other settings ({', '.join(changed)}); "
                   "resuming with the new ones changes the schedules.", file=sys.stderr)
-    config.save(config_path)
-    with open(os.path.join(config.output_dir, "args.txt"), "w") as f:
-        f.write("\n".join(f"{k}: {v}" for k, v in sorted(config.to_dict().items())) + "\n")
-    print(f"backend: {keras.backend.backend()}, output: {config.output_dir}")
+    if chief:
+        config.save(config_path)
+        with open(os.path.join(config.output_dir, "args.txt"), "w") as f:
+            f.write("\n".join(f"{k}: {v}" for k, v in sorted(config.to_dict().items())) + "\n")
+        print(f"backend: {keras.backend.backend()}, data parallel over {parallel.num_replicas} device(s), "
+              f"output: {config.output_dir}")
 
     source = load_source(args)
     augmentation = MultiCropAugmentation(
@@ -140,35 +182,43 @@ def main(argv=None):
     loader = MultiCropLoader(
         source, augmentation, masking, config.patch_size, config.batch_size, seed=config.seed,
         workers=config.num_workers, use_multiprocessing=False,
+        num_shards=parallel.num_shards, shard_index=parallel.shard_index,
+        # Keras 3.15.1 cannot reduce a bool batch across tf.distribute replicas.
+        mask_dtype="uint8" if keras.backend.backend() == "tensorflow" and parallel.num_replicas > 1 else "bool",
     )
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(loader))
     # Re-running the same command with the same --output_dir resumes where it stopped.
     initial_epoch = restore_training_state(model, config.output_dir)
     init_path = os.path.join(config.output_dir, "knn_at_init.json")
     if initial_epoch == 0:
-        random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
-        with open(init_path, "w") as f:
-            json.dump({"knn_top1": random_top1}, f)
+        with undistributed():
+            random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
+        if chief:
+            with open(init_path, "w") as f:
+                json.dump({"knn_top1": random_top1}, f)
     else:
-        print(f"Resuming after epoch {initial_epoch} from {config.output_dir}")
+        if chief:
+            print(f"Resuming after epoch {initial_epoch} from {config.output_dir}")
         with open(init_path) as f:
             random_top1 = json.load(f)["knn_top1"]
 
-    callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv"), append=initial_epoch > 0),
-        TrainingCheckpoint(config.output_dir, keep_freq=config.saveckp_freq),
-        ibot_keras.callbacks.TeacherStateMonitor(),
-        ibot_keras.callbacks.CollapseMonitor(),
-    ]
-    if all(importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")):  # the writer needs both
+    callbacks = [ibot_keras.callbacks.TeacherStateMonitor(), ibot_keras.callbacks.CollapseMonitor()]
+    if chief:
+        callbacks += [
+            keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv"), append=initial_epoch > 0),
+            TrainingCheckpoint(config.output_dir, keep_freq=config.saveckp_freq),
+        ]
+    if chief and all(importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")):  # the writer needs both
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.output_dir, "tensorboard")))
     start = time.time()
     model.fit(loader, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose)
     train_time = time.time() - start
-    model.teacher_backbone.save(os.path.join(config.output_dir, "teacher_backbone.keras"))
-    model.teacher_backbone.save_weights(os.path.join(config.output_dir, "teacher_backbone.weights.h5"))
+    if chief:
+        model.teacher_backbone.save(os.path.join(config.output_dir, "teacher_backbone.keras"))
+        model.teacher_backbone.save_weights(os.path.join(config.output_dir, "teacher_backbone.weights.h5"))
 
-    top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
+    with undistributed():
+        top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
     summary = {"backend": keras.backend.backend(), "train_seconds": round(train_time, 1)}
     if top1 is not None:
         pixels_top1 = knn_report(None, source, config.global_crop_size)
@@ -177,13 +227,15 @@ def main(argv=None):
             knn_top1_random_init=round(random_top1, 2),
             knn_top1_pixels=round(pixels_top1, 2),
         )
-        print(
-            f"k-NN top-1 (k=20): teacher {top1:.2f}%, same network at init {random_top1:.2f}%, "
-            f"raw pixels {pixels_top1:.2f}%"
-        )
-    with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+        if chief:
+            print(
+                f"k-NN top-1 (k=20): teacher {top1:.2f}%, same network at init {random_top1:.2f}%, "
+                f"raw pixels {pixels_top1:.2f}%"
+            )
+    if chief:
+        with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary))
     return summary
 
 

@@ -8,11 +8,43 @@
    teacher EMA) right after the optimizer update, inside the same compiled step, as the
    official code does. JAX's ``train_step`` is functional (state in, state out) so the hook
    runs in a ``StatelessScope`` over the updated state; TensorFlow and PyTorch assign directly.
+   The hook gets the pre-step values of ``model.step_snapshot_variables()`` (the optimizer's
+   iteration count and the centers), to tell and undo a step the optimizer skipped (a
+   ``LossScaleOptimizer`` on non-finite gradients): JAX reads them from the step's input
+   state, TensorFlow and PyTorch copy them before the step.
+3. Data parallel training (the global batch split over replicas; every number as on one
+   device with the whole batch):
+   - ``replica_loss``: what ``compute_loss`` returns so that gradients are those of the
+     global-batch mean loss. TensorFlow's optimizer *sums* replica gradients, so each replica
+     returns its mean divided by the replica count (Keras multiplies it back for the ``loss``
+     log). PyTorch (DDP ranks, ``torchrun``): the value is the global mean (for the log) and
+     the gradient the local one; ``PostOptimizerStep`` averages gradients over the ranks.
+   - ``metric_value``: TensorFlow aggregates metric variables over replicas itself; torch
+     ranks do not, so torch trackers get the global mean (or sum).
+   - PyTorch ``PostOptimizerStep``: under an initialised ``torch.distributed`` with more than
+     one rank, Keras 3.15.1's ``fit`` does not wrap the model in DDP, so the first training
+     step broadcasts rank 0's weights (and optimizer state) to every rank, and every step
+     averages the gradients over the ranks (one coalesced all-reduce per dtype) before the
+     optimizer sees them.
+   - ``data_parallel``: sets up the backend's data parallelism (JAX ``DataParallel``,
+     TensorFlow ``MirroredStrategy``, torch process group from the ``torchrun`` environment).
 """
+
+import collections
+import contextlib
+import os
 
 import keras
 
 _BACKEND = keras.backend.backend()
+
+
+def _torch_world_size():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def cross_replica_mean(x):
@@ -28,12 +60,47 @@ def cross_replica_mean(x):
     if _BACKEND == "torch":
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            total = x.detach().clone()
+        world = _torch_world_size()
+        if world > 1:
+            total = keras.ops.convert_to_tensor(x).detach().clone()
             dist.all_reduce(total)
-            return total / dist.get_world_size()
+            return total / world
         return x
     return x
+
+
+def replica_loss(loss):
+    """The value ``compute_loss`` returns for a global-batch mean ``loss`` computed on this
+    replica's shard, such that the gradients are those of the global mean (see module doc)."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            return loss / context.num_replicas_in_sync
+        return loss
+    if _BACKEND == "torch" and _torch_world_size() > 1:
+        local = loss.detach()
+        return loss + (cross_replica_mean(local) - local)
+    return loss
+
+
+def metric_value(x, reduction="mean"):
+    """``x`` (this replica's value) as a metric tracker in the replica should record it:
+    TensorFlow aggregates metric variables over replicas and JAX sees the global batch, so
+    ``x`` itself; on torch ranks, the mean (``reduction="sum"``: the sum) over the ranks."""
+    if _BACKEND == "torch":
+        world = _torch_world_size()
+        if world > 1:
+            mean = cross_replica_mean(x)
+            return mean * world if reduction == "sum" else mean
+    return x
+
+
+def _pre_step_values(model):
+    """Copies of ``model.step_snapshot_variables()`` taken before the step (TF and torch; the
+    JAX step reads them from its input state)."""
+    return [keras.ops.copy(v) for v in model.step_snapshot_variables()]
 
 
 if _BACKEND == "jax":
@@ -41,15 +108,84 @@ if _BACKEND == "jax":
     class PostOptimizerStep:
         """Mixin for a ``keras.Model`` defining ``after_optimizer_step()``."""
 
-        def train_step(self, state, data):
-            logs, state = super().train_step(state, data)
-            trainable, non_trainable, optimizer_vars, metrics_vars = state
+        def _state_mapping(self, state):
+            trainable, non_trainable, optimizer_vars = state[:3]
             mapping = list(zip(self.trainable_variables, trainable))
             mapping += list(zip(self.non_trainable_variables, non_trainable))
-            with keras.StatelessScope(state_mapping=mapping) as scope:
-                self.after_optimizer_step()
+            if self.optimizer is not None:
+                mapping += list(zip(self.optimizer.variables, optimizer_vars))
+            return mapping
+
+        def train_step(self, state, data):
+            before = {id(v): value for v, value in self._state_mapping(state)}
+            snapshot = [before[id(v)] for v in self.step_snapshot_variables()]
+            logs, state = super().train_step(state, data)
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            with keras.StatelessScope(state_mapping=self._state_mapping(state)) as scope:
+                self.after_optimizer_step(snapshot)
             non_trainable = [scope.get_current_value(v) for v in self.non_trainable_variables]
+            if self.optimizer is not None:
+                optimizer_vars = [scope.get_current_value(v) for v in self.optimizer.variables]
             return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+elif _BACKEND == "torch":
+
+    def _broadcast_from_rank0(variables):
+        import torch.distributed as dist
+
+        for variable in variables:
+            dist.broadcast(variable.value.data, src=0)
+
+    @contextlib.contextmanager
+    def _gradients_averaged_over_ranks(optimizer, world):
+        """Within the block, ``optimizer.apply`` first replaces the gradients by their mean over
+        the ranks: one all-reduce of the flattened gradients per dtype. Before the optimizer
+        (and a loss-scale optimizer's finiteness check), so every rank takes the same step."""
+        import torch
+        import torch.distributed as dist
+
+        def apply(grads, trainable_variables=None):
+            grads = list(grads)
+            by_dtype = {}
+            for index, grad in enumerate(grads):
+                if grad is not None:
+                    by_dtype.setdefault(grad.dtype, []).append(index)
+            for dtype in sorted(by_dtype, key=str):
+                indices = by_dtype[dtype]
+                flat = torch.cat([grads[i].reshape(-1) for i in indices])
+                dist.all_reduce(flat)
+                flat /= world
+                for i, part in zip(indices, torch.split(flat, [grads[i].numel() for i in indices])):
+                    grads[i] = part.view_as(grads[i])
+            return type(optimizer).apply(optimizer, grads, trainable_variables)
+
+        optimizer.apply = apply
+        try:
+            yield
+        finally:
+            del optimizer.apply
+
+    class PostOptimizerStep:
+        """Mixin for a ``keras.Model`` defining ``after_optimizer_step()``; data parallel over
+        ``torch.distributed`` ranks when a process group is initialised (see module doc)."""
+
+        def train_step(self, data):
+            world = _torch_world_size()
+            if world == 1:
+                snapshot = _pre_step_values(self)
+                logs = super().train_step(data)
+                self.after_optimizer_step(snapshot)
+                return logs
+            if not self.__dict__.get("_ranks_synchronised", False):
+                _broadcast_from_rank0(self.weights)
+                if self.optimizer is not None and self.optimizer.built:
+                    _broadcast_from_rank0(self.optimizer.variables)
+                self.__dict__["_ranks_synchronised"] = True
+            snapshot = _pre_step_values(self)
+            with _gradients_averaged_over_ranks(self.optimizer, world):
+                logs = super().train_step(data)
+            self.after_optimizer_step(snapshot)
+            return logs
 
 else:
 
@@ -57,6 +193,63 @@ else:
         """Mixin for a ``keras.Model`` defining ``after_optimizer_step()``."""
 
         def train_step(self, data):
+            snapshot = _pre_step_values(self)
             logs = super().train_step(data)
-            self.after_optimizer_step()
+            self.after_optimizer_step(snapshot)
             return logs
+
+
+DataParallelSetup = collections.namedtuple(
+    "DataParallelSetup", ["scope", "shard_index", "num_shards", "num_replicas"]
+)
+
+
+def data_parallel():
+    """Set up data parallel training on this backend; returns a ``DataParallelSetup``
+    ``(scope, shard_index, num_shards, num_replicas)``.
+
+    Build the model and call ``fit`` inside ``scope``; this process's data source must yield
+    part ``shard_index`` of ``num_shards`` equal parts of every global batch
+    (``MultiCropLoader(..., num_shards=..., shard_index=...)``); ``num_replicas`` devices
+    share each global batch.
+
+    - JAX: ``keras.distribution.DataParallel`` over every device of every process; with
+      ``KERAS_DISTRIBUTION_NUM_PROCESSES`` (and ``..._JOB_ADDRESSES``, ``..._PROCESS_ID``) set,
+      first ``keras.distribution.initialize()`` (multi-host). One shard per process.
+    - TensorFlow: ``tf.distribute.MirroredStrategy`` over the local GPUs (else the CPU); the
+      strategy splits the global batch itself: one shard.
+    - PyTorch: a ``torch.distributed`` process group from the ``torchrun`` environment
+      (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``): NCCL with
+      GPU ``LOCAL_RANK``, else gloo. One shard per rank; ``IBOT``'s train step then broadcasts
+      rank 0's weights and averages gradients over the ranks.
+    """
+    if _BACKEND == "jax":
+        import jax
+
+        if os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES") or os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+            keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return DataParallelSetup(
+            contextlib.nullcontext(), jax.process_index(), jax.process_count(), jax.device_count()
+        )
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy()
+        return DataParallelSetup(strategy.scope(), 0, 1, strategy.num_replicas_in_sync)
+    if _BACKEND == "torch":
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                raise RuntimeError(
+                    "PyTorch data parallel runs one process per device: launch with torchrun, "
+                    "e.g. `torchrun --nproc_per_node=2 examples/pretrain.py --distribute`."
+                )
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        world = dist.get_world_size()
+        return DataParallelSetup(contextlib.nullcontext(), dist.get_rank(), world, world)
+    raise NotImplementedError(f"Data parallel training is not implemented for the {_BACKEND} backend.")

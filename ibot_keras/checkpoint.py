@@ -6,8 +6,15 @@ weight-norm ``weight_g`` is ``(K, 1)`` (here ``(1, K)``). Names keep the officia
 ``backbone.blocks.0.attn.qkv.weight``, ``head.last_layer.weight_v`` and so on.
 """
 
+import dataclasses
+import os
+import warnings
+
 import keras
 import numpy as np
+
+from ibot_keras.layers.position_embedding import official_interpolation_matrices
+from ibot_keras.state_files import read_state, write_state
 
 _TO_OFFICIAL = {
     "same": lambda a: a,
@@ -46,12 +53,37 @@ def strip_prefixes(state, prefixes=("module.",)):
     return out
 
 
-def load_state(weights, state, what="model"):
+@dataclasses.dataclass
+class LoadReport:
+    """What ``load_official`` did besides assigning matching weights.
+
+    ``missing`` / ``unexpected``: keys of the model absent from the checkpoint and keys of the
+    checkpoint the model has no place for (only possible with ``strict=False``).
+    ``ignored``: the projection-head entries of a training-wrapper state dict loaded into a
+    backbone (``head.*`` next to ``backbone.*``). ``interpolated``: tables resized to the
+    model's image size (``pos_embed``). ``epoch``: the checkpoint's epoch, when it has one.
+    """
+
+    missing: list = dataclasses.field(default_factory=list)
+    unexpected: list = dataclasses.field(default_factory=list)
+    ignored: list = dataclasses.field(default_factory=list)
+    interpolated: list = dataclasses.field(default_factory=list)
+    epoch: int = None
+
+    def merge(self, other, prefix=""):
+        self.missing += [prefix + key for key in other.missing]
+        self.unexpected += [prefix + key for key in other.unexpected]
+        self.interpolated += [prefix + key for key in other.interpolated]
+        return self
+
+
+def load_state(weights, state, what="model", strict=True):
     """Assign ``state`` (official names -> arrays) to ``weights`` ``[(name, variable, layout)]``.
 
     Entries are applied in ``weights`` order, as ``load_state_dict`` does (a later alias of the
-    same variable wins). Raises ``ValueError`` listing every missing key, unexpected key and
-    shape mismatch; nothing is assigned in that case.
+    same variable wins). Shape mismatches always raise ``ValueError``; missing and unexpected
+    keys raise too when ``strict`` (the default), else they are warned about and returned.
+    The error lists every problem at once, and nothing is assigned in that case.
     """
     state = {key: _to_numpy(value) for key, value in state.items()}
     by_variable = {}
@@ -72,7 +104,7 @@ def load_state(weights, state, what="model"):
             continue
         updates.append((variable, value))
     unexpected = sorted(set(state) - known)
-    if missing or mismatched or unexpected:
+    if mismatched or (strict and (missing or unexpected)):
         lines = [f"The checkpoint does not match the {what}."]
         if missing:
             lines.append(f"Missing keys ({len(missing)}): {', '.join(missing)}")
@@ -80,9 +112,18 @@ def load_state(weights, state, what="model"):
             lines.append(f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if mismatched:
             lines.append(f"Shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+        if not mismatched:
+            lines.append("Pass strict=False to load the matching keys anyway (the others are reported).")
         raise ValueError("\n".join(lines))
+    if missing or unexpected:
+        warnings.warn(
+            f"Partial load of the {what}: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]} (see the returned LoadReport).",
+            stacklevel=3,
+        )
     for variable, value in updates:
         variable.assign(value.astype(variable.dtype))
+    return LoadReport(missing=missing, unexpected=unexpected)
 
 
 def export_state(weights):
@@ -90,50 +131,126 @@ def export_state(weights):
     return {name: to_official_layout(keras.ops.convert_to_numpy(variable), layout) for name, variable, layout in weights}
 
 
-def load_official(model, checkpoint):
-    """Load official-named arrays into an ``IBOT`` model or a ``VisionTransformer``.
+def resize_position_table(table, grid_rows, grid_cols):
+    """A ``(1, 1 + g*g, D)`` table resized to ``grid_rows x grid_cols`` patches, NumPy float64
+    arithmetic with the official bicubic scale-factor mapping (what the official ViT does at
+    forward time for another image size)."""
+    table = np.asarray(table, dtype=np.float64)
+    grid = int(round((table.shape[1] - 1) ** 0.5))
+    if grid * grid != table.shape[1] - 1:
+        raise ValueError(f"pos_embed has {table.shape[1] - 1} patch positions, not a square grid.")
+    rows, cols = official_interpolation_matrices(grid, grid_rows, grid_cols)
+    patches = table[0, 1:].reshape(grid, grid, -1)
+    resized = np.einsum("ia,abd,jb->ijd", rows, patches, cols).reshape(1, grid_rows * grid_cols, -1)
+    return np.concatenate([table[:, :1], resized], axis=1).astype(np.float32)
 
-    For ``IBOT``: ``checkpoint = {"student": {...}, "teacher": {...}}`` (state dicts of the
-    official ``MultiCropWrapper``s, ``module.`` prefixes allowed) and optionally
+
+def select_backbone_state(state, part="teacher"):
+    """The backbone entries of any supported state dict, and the head entries left out.
+
+    Accepts a backbone state dict (DINO ``*_pretrain.pth``, timm, ``export_official``), a
+    ``MultiCropWrapper`` state dict (``backbone.*`` + ``head.*``), or a checkpoint holding one
+    of those under ``part`` (``"teacher"`` / ``"student"``), ``"state_dict"`` or ``"model"``.
+    ``module.`` (DDP) and ``backbone.`` prefixes are removed.
+    """
+    nested = [key for key, value in state.items() if isinstance(value, dict)]
+    if nested:
+        for key in (part, "state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        else:
+            raise ValueError(
+                f"The checkpoint holds {sorted(nested)}, none of which is '{part}', 'state_dict' or "
+                "'model'; choose one with part=."
+            )
+    state = strip_prefixes(state)
+    ignored = []
+    if any(key.startswith("backbone.") for key in state):
+        ignored = sorted(key for key in state if key.startswith("head."))
+        state = {key: value for key, value in state.items() if not key.startswith("head.")}
+    return strip_prefixes(state, ("backbone.",)), ignored
+
+
+def _load_backbone(vit, state, strict, interpolate_pos_embed):
+    state = dict(state)
+    interpolated = []
+    table = state.get("pos_embed")
+    expected = tuple(vit.pos_embed.shape)
+    if interpolate_pos_embed and table is not None and tuple(np.shape(table)) != expected:
+        if np.shape(table)[-1] == expected[-1] and np.ndim(table) == 3:
+            state["pos_embed"] = resize_position_table(_to_numpy(table), vit.grid_size, vit.grid_size)
+            interpolated.append("pos_embed")
+    report = load_state(vit.official_weights(), state, "backbone", strict=strict)
+    report.interpolated += interpolated
+    return report
+
+
+def load_official(model, source, *, part="teacher", strict=True, interpolate_pos_embed=True):
+    """Load official-named weights into an ``IBOT`` model or a ``VisionTransformer``.
+
+    ``source``: a path (``.pth`` needs torch, ``.npz``, ``.safetensors``; any backend) or an
+    already-loaded dict.
+    For ``IBOT``: an official training checkpoint ``{"student": {...}, "teacher": {...}}``
+    (``MultiCropWrapper`` state dicts, ``module.`` prefixes allowed) and optionally
     ``"ibot_loss": {"center": (1, K), "center2": (1, 1, Kp)}``.
-    For a ``VisionTransformer``: a backbone state dict (``module.`` / ``backbone.`` prefixes
-    allowed).
+    For a ``VisionTransformer``: any state accepted by ``select_backbone_state`` (``part``
+    picks ``teacher`` or ``student`` of a training checkpoint). A ``pos_embed`` trained at
+    another resolution is resized to the model's ``image_size`` the official way
+    (``interpolate_pos_embed``).
+    Returns a ``LoadReport``. Raises ``ValueError`` listing every mismatch.
     """
     from ibot_keras.models.ibot import IBOT
     from ibot_keras.models.vit import VisionTransformer
 
+    if isinstance(source, (str, os.PathLike)):
+        source = read_state(source)
+    epoch = source.get("epoch") if isinstance(source.get("epoch"), (int, np.integer)) else None
     if isinstance(model, IBOT):
-        for part in ("student", "teacher"):
-            if part not in checkpoint:
-                raise ValueError(f"The checkpoint has no '{part}' entry (keys: {sorted(checkpoint)}).")
-        student = strip_prefixes(checkpoint["student"])
-        teacher = strip_prefixes(checkpoint["teacher"])
-        load_state(model.student_weights(include_aliases=True), student, "student")
-        load_state(model.teacher_weights(include_aliases=True), teacher, "teacher")
-        centers = checkpoint.get("ibot_loss")
+        for name in ("student", "teacher"):
+            if not isinstance(source.get(name), dict):
+                raise ValueError(
+                    f"The checkpoint has no '{name}' state dict (keys: {sorted(source)}); an IBOT model "
+                    "needs an official training checkpoint. Load a backbone-only file into "
+                    "model.student_backbone / model.teacher_backbone instead."
+                )
+        report = LoadReport(epoch=epoch)
+        for name, weights in (
+            ("student", model.student_weights(include_aliases=True)),
+            ("teacher", model.teacher_weights(include_aliases=True)),
+        ):
+            report.merge(load_state(weights, strip_prefixes(source[name]), name, strict=strict), f"{name}.")
+        centers = source.get("ibot_loss")
         if centers is not None:
-            load_state(
-                [
-                    ("center", model.ibot_loss.center, "same"),
-                    ("center2", model.ibot_loss.patch_center, "same"),
-                ],
-                centers,
-                "iBOT loss centers",
+            report.merge(
+                load_state(
+                    [
+                        ("center", model.ibot_loss.center, "same"),
+                        ("center2", model.ibot_loss.patch_center, "same"),
+                    ],
+                    centers,
+                    "iBOT loss centers",
+                    strict=strict,
+                ),
+                "ibot_loss.",
             )
-        return model
+        return report
     if isinstance(model, VisionTransformer):
-        state = strip_prefixes(checkpoint, ("module.", "backbone."))
-        load_state(model.official_weights(), state, "backbone")
-        return model
+        state, ignored = select_backbone_state(source, part)
+        report = _load_backbone(model, state, strict, interpolate_pos_embed)
+        report.ignored, report.epoch = ignored, epoch
+        return report
     raise TypeError(f"load_official expects an IBOT model or a VisionTransformer, got {type(model).__name__}.")
 
 
-def export_official(model):
+def export_official(model, include_mask_token=True):
     """The inverse of ``load_official``: NumPy arrays under official names and layouts.
 
     ``IBOT`` -> ``{"student": ..., "teacher": ..., "ibot_loss": {"center", "center2"}}`` with the
     shared-head ``last_layer2.*`` aliases listed as the official ``state_dict()`` does;
-    ``VisionTransformer`` -> a backbone state dict.
+    ``VisionTransformer`` -> a backbone state dict, which timm's ``VisionTransformer`` and the
+    official ViT accept in ``load_state_dict`` (``include_mask_token=False`` leaves out the
+    iBOT-only ``masked_embed``, for timm's ``strict=True``).
     """
     from ibot_keras.models.ibot import IBOT
     from ibot_keras.models.vit import VisionTransformer
@@ -148,5 +265,57 @@ def export_official(model):
             },
         }
     if isinstance(model, VisionTransformer):
-        return export_state(model.official_weights())
+        state = export_state(model.official_weights())
+        if not include_mask_token:
+            state.pop("masked_embed", None)
+        return state
     raise TypeError(f"export_official expects an IBOT model or a VisionTransformer, got {type(model).__name__}.")
+
+
+def save_official(model, path, include_mask_token=True):
+    """``export_official(model)`` written to ``path`` (``.pth``, ``.npz`` or ``.safetensors``)."""
+    return write_state(export_official(model, include_mask_token=include_mask_token), path)
+
+
+# Official sizes by width, used when a state dict does not say its number of heads.
+_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16}
+
+
+def backbone_from_official(source, *, part="teacher", num_heads=None, image_size=None, strict=True, **kwargs):
+    """A ``VisionTransformer`` built to fit an official/timm/DINO state and loaded from it.
+
+    Width, depth, patch size, MLP ratio, qkv bias, mask token and the trained image size are
+    read off the tensors; ``num_heads`` is not stored, so it defaults to the official value for
+    the width (ViT-T/S/B/L: 3/6/12/16) and must be given otherwise. ``image_size`` (default: the
+    trained one) resizes the position table the official way.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = read_state(source)
+    state, _ = select_backbone_state(source, part)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
+        if key not in state:
+            raise ValueError(f"Not a ViT state dict: no '{key}' (keys: {sorted(state)[:10]} ...).")
+    width = int(np.shape(state["cls_token"])[-1])
+    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+    patch_size = int(np.shape(state["patch_embed.proj.weight"])[-1])
+    grid = int(round((np.shape(state["pos_embed"])[1] - 1) ** 0.5))
+    if num_heads is None:
+        if width not in _HEADS_BY_WIDTH:
+            raise ValueError(f"Embedding width {width} is not an official size: pass num_heads=.")
+        num_heads = _HEADS_BY_WIDTH[width]
+    from ibot_keras.models.vit import VisionTransformer
+
+    vit = VisionTransformer(
+        patch_size=patch_size,
+        embed_dim=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=np.shape(state["blocks.0.mlp.fc1.weight"])[0] / width,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        use_mask_token="masked_embed" in state,
+        image_size=image_size or grid * patch_size,
+        in_channels=int(np.shape(state["patch_embed.proj.weight"])[1]),
+        **kwargs,
+    )
+    load_official(vit, state, strict=strict)
+    return vit

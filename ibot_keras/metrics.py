@@ -9,7 +9,11 @@ class LastValue(keras.metrics.Metric):
 
     def __init__(self, name="last_value", dtype="float32", **kwargs):
         super().__init__(name=name, dtype=dtype, **kwargs)
-        self.value = self.add_variable(shape=(), initializer="zeros", dtype=self.dtype, name="value")
+        # "mean": under tf.distribute every replica holds the same value; the default "sum"
+        # would report it times the replica count.
+        self.value = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, name="value", aggregation="mean"
+        )
 
     def update_state(self, value):
         self.value.assign(ops.cast(value, self.dtype))

@@ -26,6 +26,13 @@ class MultiCropLoader(keras.utils.PyDataset):
         masking: a ``BlockMasking`` (its settings are used; its random stream is not).
         patch_size: to size the mask grids.
         batch_size, shuffle, drop_last (official: True), seed.
+        num_shards, shard_index: for data parallel processes (torch DDP ranks, JAX hosts):
+            ``batch_size`` stays the global batch and each process gets its contiguous
+            ``batch_size / num_shards`` part of every global batch, so the shards together
+            are exactly the one-process batches.
+        mask_dtype: dtype of the yielded masks (``"uint8"`` under TensorFlow's
+            ``MirroredStrategy``: Keras 3.15.1 cannot reduce a bool batch across replicas;
+            the model casts masks to bool).
     """
 
     def __init__(
@@ -39,11 +46,21 @@ class MultiCropLoader(keras.utils.PyDataset):
         drop_last=True,
         seed=0,
         epoch=0,
+        num_shards=1,
+        shard_index=0,
+        mask_dtype="bool",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1.")
+        if num_shards < 1 or not 0 <= shard_index < num_shards or batch_size % num_shards:
+            raise ValueError(
+                f"batch_size={batch_size} must split into num_shards={num_shards} equal parts and "
+                f"0 <= shard_index < num_shards (got shard_index={shard_index})."
+            )
+        if num_shards > 1 and not drop_last:
+            raise ValueError("Sharding needs drop_last=True (every shard gets a full part).")
         if drop_last and len(source) < batch_size:
             raise ValueError(f"The dataset has {len(source)} images, fewer than one batch of {batch_size}.")
         self.source = source
@@ -55,6 +72,9 @@ class MultiCropLoader(keras.utils.PyDataset):
         self.drop_last = drop_last
         self.seed = int(seed)
         self.epoch = int(epoch)
+        self.num_shards = int(num_shards)
+        self.shard_index = int(shard_index)
+        self.mask_dtype = mask_dtype
         grid = augmentation.global_crop_size // self.patch_size
         if grid * self.patch_size != augmentation.global_crop_size:
             raise ValueError(
@@ -98,10 +118,14 @@ class MultiCropLoader(keras.utils.PyDataset):
         epoch = self.epoch
         start = batch_index * self.batch_size
         stop = min(start + self.batch_size, len(self.source))
+        if self.num_shards > 1:
+            part = self.batch_size // self.num_shards
+            start += self.shard_index * part
+            stop = start + part
         samples = [self.sample(p, epoch) for p in range(start, stop)]
         batch = {
             "global_crops": np.stack([np.stack(g) for g, _, _ in samples]),
-            "masks": np.stack([m for _, _, m in samples]),
+            "masks": np.stack([m for _, _, m in samples]).astype(self.mask_dtype, copy=False),
         }
         if self.augmentation.local_crops_number:
             batch["local_crops"] = np.stack([np.stack(l) for _, l, _ in samples])

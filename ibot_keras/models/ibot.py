@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from ibot_keras import backend_specific
 from ibot_keras.backend_specific import PostOptimizerStep
 from ibot_keras.losses import IBOTLoss
 from ibot_keras.metrics import LastValue
@@ -216,6 +217,13 @@ class IBOT(PostOptimizerStep, keras.Model):
         if hasattr(inner, "freeze_variables"):
             inner.freeze_variables(self.last_layer_variables())
 
+    def compile_from_config(self, config):
+        # Keras skips compile() on .keras loading when compile() is overridden; ours only adds
+        # the last-layer freeze, so restoring through it is safe.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     # -- inputs -----------------------------------------------------------------------------
     def _check_crops(self, key, kind, crops, count, setting):
         """Validate ``(B, count, H, W, C)`` crops; returns the patch grid ``(H/p, W/p)``."""
@@ -374,13 +382,16 @@ class IBOT(PostOptimizerStep, keras.Model):
             temperatures=temperatures,
             teacher_patch_mean=y_pred.get("teacher_patch_mean"),
         )
+        # Under data parallelism these are this replica's values; metric_value makes the logs
+        # global-batch values on every backend (see backend_specific).
+        metric = backend_specific.metric_value
         if "masked_dropped" in y_pred:
-            self.masked_dropped_tracker.update_state(y_pred["masked_dropped"])
+            self.masked_dropped_tracker.update_state(metric(y_pred["masked_dropped"], "sum"))
         if self.ibot_loss.lambda1:
             # KL(teacher || student) averaged over the CLS pairs = CE - teacher entropy.
-            self.kl_tracker.update_state(out["cls"] / self.ibot_loss.lambda1 - teacher_entropy)
-        self.cls_tracker.update_state(out["cls"])
-        self.patch_tracker.update_state(out["patch"])
+            self.kl_tracker.update_state(metric(out["cls"] / self.ibot_loss.lambda1 - teacher_entropy))
+        self.cls_tracker.update_state(metric(out["cls"]))
+        self.patch_tracker.update_state(metric(out["patch"]))
         self.teacher_temp_tracker.update_state(temperatures[0])
         self.momentum_tracker.update_state(1.0 - self.teacher_momentum_one_minus(step))
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
@@ -389,7 +400,9 @@ class IBOT(PostOptimizerStep, keras.Model):
             wd = getattr(inner, "weight_decay_value", getattr(inner, "weight_decay", None))
             if wd is not None:
                 self.wd_tracker.update_state(_schedule_value(wd, step))
-        return out["loss"]
+        # The global-batch mean loss; under data parallelism, scaled so that the gradients are
+        # those of the global batch (not the replica count times them).
+        return backend_specific.replica_loss(out["loss"])
 
     def _update_collapse_diagnostics(self, teacher_cls, temp):
         """Teacher CLS distribution statistics (nats), with the centers the loss uses:
@@ -409,24 +422,56 @@ class IBOT(PostOptimizerStep, keras.Model):
         log_p = ops.log_softmax(logits, axis=-1)
         p = ops.exp(log_p)
         entropy = -ops.mean(ops.sum(p * log_p, axis=-1))
-        mean_p = ops.mean(p, axis=0)
+        # Batch statistics over the global batch (identical on every data-parallel replica).
+        mean_p = backend_specific.cross_replica_mean(ops.mean(p, axis=0))
         batch_entropy = -ops.sum(mean_p * ops.log(ops.maximum(mean_p, 1e-30)))
         winners = ops.max(ops.one_hot(ops.argmax(logits, axis=-1), logits.shape[-1]), axis=0)
-        self.teacher_entropy_tracker.update_state(entropy)
+        winners = ops.cast(backend_specific.cross_replica_mean(winners) > 0, "float32")
+        self.teacher_entropy_tracker.update_state(backend_specific.metric_value(entropy))
         self.teacher_batch_entropy_tracker.update_state(batch_entropy)
         self.prototype_usage_tracker.update_state(ops.mean(winners))
         return entropy
 
-    def after_optimizer_step(self):
-        """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step)."""
+    def step_snapshot_variables(self):
+        """Variables whose pre-step values the train step hands to ``after_optimizer_step``:
+        the optimizer's iteration count and both centers."""
+        return [self.optimizer.iterations, self.ibot_loss.center, self.ibot_loss.patch_center]
+
+    def after_optimizer_step(self, snapshot=None):
+        """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step).
+
+        ``snapshot``: the pre-step values of ``step_snapshot_variables()``. When the optimizer
+        did not count the step (a ``LossScaleOptimizer`` skips non-finite gradients, e.g. under
+        ``mixed_float16``), the centers get their pre-step values back and the teacher does not
+        move. Variables are float32 and no autocast scope is active here, so the EMA (``1 - m``
+        down to 1e-4) runs in float32 under any dtype policy.
+        """
         step = ops.convert_to_tensor(self.step)
         one_minus_m = self.teacher_momentum_one_minus(step)
         momentum = 1.0 - one_minus_m
+        applied = None
+        if snapshot is not None:
+            iterations_before, center_before, patch_center_before = snapshot
+            iterations = ops.convert_to_tensor(self.optimizer.iterations)
+            applied = ops.not_equal(iterations, iterations_before)
+            # Deviation (the issue asks for it): the official fp16 loop skips only the AdamW
+            # step (GradScaler) and still moves the centers (in the loss) and the teacher.
+            # As there, the iteration still counts for the lr/wd/freeze schedules (the official
+            # `it`), while the per-parameter Adam step counts do not advance: Keras' loss-scale
+            # optimizer leaves `iterations` behind on a skipped step, so catch it up.
+            self.optimizer.iterations.assign(
+                ops.where(applied, iterations, iterations_before + ops.ones_like(iterations_before))
+            )
+            for variable, before in ((self.ibot_loss.center, center_before),
+                                     (self.ibot_loss.patch_center, patch_center_before)):
+                variable.assign(ops.where(applied, ops.convert_to_tensor(variable), before))
         for student_var, teacher_var in self._ema_pairs:
             student_value = ops.stop_gradient(ops.convert_to_tensor(student_var))
-            teacher_var.assign(
-                ops.convert_to_tensor(teacher_var) * momentum + student_value * one_minus_m
-            )
+            teacher_value = ops.convert_to_tensor(teacher_var)
+            new_value = teacher_value * momentum + student_value * one_minus_m
+            if applied is not None:
+                new_value = ops.where(applied, new_value, teacher_value)
+            teacher_var.assign(new_value)
         self.step.assign(step + 1)
 
     @property
