@@ -12,20 +12,14 @@ Default data: the embedded digits with the same fixed 70/30 split as knn_eval.py
 
 import argparse
 
-import keras
-import numpy as np
+from eval_data import add_backbone_arguments, labelled_split, load_backbone
 
-import ibot_keras
-from ibot_keras.data import ArraySource, ImageFolderSource, load_digits
-from ibot_keras.eval import eval_views, linear_probe, official_lr_grid
+from ibot_keras.eval import linear_probe, official_lr_grid
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a .keras VisionTransformer; default: random init")
-    parser.add_argument("--train_path")
-    parser.add_argument("--val_path")
-    parser.add_argument("--image_size", type=int)
+    add_backbone_arguments(parser)
     parser.add_argument("--n_last_blocks", type=int, default=4, help="official: 4 for ViT-S, 1 for ViT-B/L")
     parser.add_argument("--avgpool_patchtokens", action="store_true", help="append the mean patch token (ViT-B/L)")
     parser.add_argument("--lrs", type=float, nargs="+", help="base lrs; default: the official 45-value grid")
@@ -35,23 +29,8 @@ def main():
     parser.add_argument("--top", type=int, default=5, help="rows of the per-lr table printed")
     args = parser.parse_args()
 
-    if args.checkpoint:
-        backbone = keras.saving.load_model(args.checkpoint)
-    else:
-        print("No --checkpoint: a randomly initialised ViT.")
-        backbone = ibot_keras.VisionTransformer(patch_size=4, embed_dim=128, depth=4, num_heads=4, image_size=16)
-    size = args.image_size or backbone.image_size
-    if args.train_path:
-        train, val = ImageFolderSource(args.train_path), ImageFolderSource(args.val_path)
-        train_x, train_y = eval_views(train, size), train.labels
-        val_x, val_y = eval_views(val, size), val.labels
-    else:
-        images, labels = load_digits()
-        order = np.random.default_rng(0).permutation(len(images))
-        cut = int(0.7 * len(order))
-        views = eval_views(ArraySource(images), size)
-        train_x, train_y = views[order[:cut]], labels[order[:cut]]
-        val_x, val_y = views[order[cut:]], labels[order[cut:]]
+    backbone = load_backbone(args)
+    train_x, train_y, val_x, val_y = labelled_split(args, args.image_size or backbone.image_size)
 
     result = linear_probe(
         backbone, train_x, train_y, val_x, val_y,

@@ -11,11 +11,10 @@ Without ``--image_path`` a few images of the embedded digits dataset are shown; 
 
 import argparse
 
-import keras
 import numpy as np
+from eval_data import add_backbone_arguments, load_backbone
 from PIL import Image
 
-import ibot_keras
 from ibot_keras.data import IMAGENET_MEAN, IMAGENET_STD, load_digits
 from ibot_keras.data.augment import to_pil
 from ibot_keras.eval import save_attention_grid
@@ -23,19 +22,14 @@ from ibot_keras.eval import save_attention_grid
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a .keras VisionTransformer (e.g. teacher_backbone.keras)")
+    add_backbone_arguments(parser, data=False)
     parser.add_argument("--image_path", help="an image file; default: embedded digits")
-    parser.add_argument("--image_size", type=int, default=None, help="default: the model's image_size")
     parser.add_argument("--num_images", type=int, default=4, help="digits shown (no --image_path)")
     parser.add_argument("--scale", type=int, default=4, help="pixel repeat factor of the PNG")
     parser.add_argument("--output", default="attention.png")
     args = parser.parse_args()
 
-    if args.checkpoint:
-        backbone = keras.saving.load_model(args.checkpoint)
-    else:
-        print("No --checkpoint: using a randomly initialised ViT.")
-        backbone = ibot_keras.VisionTransformer(patch_size=4, embed_dim=128, depth=4, num_heads=4, image_size=16)
+    backbone = load_backbone(args)
     size = args.image_size or backbone.image_size
     if args.image_path:
         pictures = [to_pil(Image.open(args.image_path))]
