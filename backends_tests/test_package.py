@@ -41,3 +41,22 @@ def test_only_the_selected_backend_is_needed():
         assert INSTALLED == [BACKEND]
     else:
         pytest.skip("not a single-backend environment")
+
+
+@pytest.mark.skipif(
+    BACKEND == "tensorflow" or "tensorflow" not in INSTALLED, reason="needs TensorFlow installed and another backend"
+)
+def test_seeding_a_pretrainer_does_not_import_tensorflow():
+    # keras.utils.set_random_seed imports an installed TensorFlow to seed it (~400 MB RSS).
+    code = (
+        "import sys\n"
+        "from ibot_keras import PretrainConfig, build_pretrainer\n"
+        "config = PretrainConfig(patch_size=4, embed_dim=8, depth=1, num_heads=2, image_size=8, global_crop_size=8,\n"
+        "    local_crop_size=8, local_crops_number=0, out_dim=8, patch_out_dim=8, head_hidden_dim=8,\n"
+        "    head_bottleneck_dim=4, epochs=1, warmup_teacher_temp_epochs=0, warmup_epochs=0)\n"
+        "build_pretrainer(config, steps_per_epoch=1)\n"
+        "assert 'tensorflow' not in sys.modules\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -8,6 +8,9 @@ table). Timing: ``--warmup`` untimed steps (compilation included in the first), 
 median over ``--steps`` timed steps. Every timed step ends with a host read of the loss, as
 the official loop's ``loss.item()`` does. Data is made in memory before timing (random
 pixels; masks from BlockMasking with the README ratios), like a DataLoader worker would.
+Memory: ``peak_rss_mb`` is the whole process's high-water mark (what the official figure
+measures); on Linux also ``peak_rss_warmup_mb`` (through the warm-up, i.e. with compilation)
+and ``peak_rss_timed_steps_mb`` (the high-water mark reset after warm-up: training alone).
 
 Configs:
 - ``baseline-cpu``: the official CPU baseline (``../shared/spec/official_cpu_baseline.md``):
@@ -39,6 +42,26 @@ CONFIGS = {
         BASELINE_CPU, arch="vit_small", batch_size=64, local_crops_number=10, policy="mixed_bfloat16"
     ),
 }
+
+
+def _vm_hwm_mb():
+    """Peak resident memory since the last reset (Linux ``VmHWM``), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss():
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def run_one(config_name, steps, warmup, jit_compile):
@@ -81,6 +104,7 @@ def run_one(config_name, steps, warmup, jit_compile):
     backend = keras.backend.backend()
     times = []
     compile_time = None
+    compile_peak_mb = None
     # Drive the compiled step through Keras' own fit loop machinery, one batch per call.
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
@@ -92,8 +116,12 @@ def run_one(config_name, steps, warmup, jit_compile):
             compile_time = elapsed
         if i >= warmup:
             times.append(elapsed)
+        if i == warmup - 1:
+            compile_peak_mb = _vm_hwm_mb()
+            _reset_peak_rss()  # the steady-state peak below excludes compilation
     median = statistics.median(times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    steady_peak_mb = _vm_hwm_mb()
     return {
         "backend": backend,
         "config": config_name,
@@ -104,6 +132,8 @@ def run_one(config_name, steps, warmup, jit_compile):
         "timed_steps": len(times),
         "first_step_s": round(compile_time, 2),
         "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_rss_warmup_mb": None if warmup == 0 or compile_peak_mb is None else round(compile_peak_mb, 1),
+        "peak_rss_timed_steps_mb": None if steady_peak_mb is None or warmup == 0 else round(steady_peak_mb, 1),
         "jit_compile": str(model.jit_compile),
         "dtype_policy": policy,
     }
@@ -139,12 +169,14 @@ def main():
         for result in results:
             print(json.dumps(result))
         return
-    header = f"{'backend':<11} {'images/s':>9} {'s/step':>7} {'min':>6} {'max':>6} {'1st step s':>10} {'peak RSS MB':>12}  jit"
+    header = (f"{'backend':<11} {'images/s':>9} {'s/step':>7} {'min':>6} {'max':>6} {'1st step s':>10} "
+              f"{'peak RSS MB':>12} {'warm-up':>8} {'timed':>6}  jit")
     print(f"config {args.config}: median of {args.steps} timed steps after {args.warmup} warm-up steps")
     print(header)
     for r in results:
         print(f"{r['backend']:<11} {r['images_per_s']:>9.2f} {r['s_per_step']:>7.2f} {r['s_per_step_min']:>6.2f} "
-              f"{r['s_per_step_max']:>6.2f} {r['first_step_s']:>10.1f} {r['peak_rss_mb']:>12.0f}  {r['jit_compile']}")
+              f"{r['s_per_step_max']:>6.2f} {r['first_step_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['peak_rss_warmup_mb'] or float('nan'):>8.0f} {r['peak_rss_timed_steps_mb'] or float('nan'):>6.0f}  {r['jit_compile']}")
 
 
 if __name__ == "__main__":

@@ -249,11 +249,39 @@ def _coerce(value, annotation):
     return value
 
 
+def set_random_seed(seed):
+    """``keras.utils.set_random_seed`` (Python, NumPy, Keras and backend seeds) without
+    importing TensorFlow into a JAX or PyTorch process.
+
+    Keras' version also seeds TensorFlow whenever it is installed, which imports it: ~400 MB of
+    resident memory and seconds of start-up for a user who never runs TensorFlow. When another
+    backend is selected and TensorFlow is not imported yet, it is hidden from that one call.
+    """
+    import sys
+
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    try:
+        from keras.src.utils import module_utils
+
+        lazy_tensorflow = module_utils.tensorflow
+        previous = lazy_tensorflow._available
+    except (ImportError, AttributeError):  # another Keras layout: accept the import
+        keras.utils.set_random_seed(seed)
+        return
+    lazy_tensorflow._available = False
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        lazy_tensorflow._available = previous
+
+
 def build_pretrainer(config, steps_per_epoch, jit_compile="auto", seed=None):
     """A compiled ``IBOT`` for ``config`` with official schedules, ready for ``fit``.
 
-    Sets ``keras.utils.set_random_seed(config.seed)`` (as the official ``fix_random_seeds``)
-    unless ``seed=False``. ``steps_per_epoch`` is the number of batches per epoch: lr, weight
+    Sets the random seeds to ``config.seed`` (as the official ``fix_random_seeds``; see
+    ``set_random_seed``) unless ``seed=False``. ``steps_per_epoch`` is the number of batches per epoch: lr, weight
     decay and teacher momentum are per-iteration schedules over ``epochs * steps_per_epoch``
     and the teacher temperatures change per epoch.
     """
@@ -267,7 +295,7 @@ def build_pretrainer(config, steps_per_epoch, jit_compile="auto", seed=None):
     if isinstance(config, dict):
         config = PretrainConfig.from_dict(config)
     if seed is not False:
-        keras.utils.set_random_seed(config.seed if seed is None else seed)
+        set_random_seed(config.seed if seed is None else seed)
     steps_per_epoch = int(steps_per_epoch)
     embed_dim, depth, num_heads = config.model_dims
     vit_kwargs = dict(
