@@ -8,6 +8,21 @@ from ibot_keras.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_pil
 from PIL import Image
 
 
+class BackboneWrapper(keras.Model):
+    """Base for models built around a ``backbone`` layer: (de)serialises it with the config."""
+
+    def get_config(self):
+        config = super().get_config()
+        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
 class CLSFeatures(keras.Model):
     """``(B, H, W, 3) -> (B, D)`` final-norm CLS token of a backbone (official k-NN feature)."""
 

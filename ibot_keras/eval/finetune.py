@@ -15,12 +15,13 @@ schedule of the official runs (pass any Keras schedule as ``learning_rate``).
 import keras
 from keras import ops
 
+from ibot_keras.eval.features import BackboneWrapper
 from ibot_keras.eval.scaled_optimizers import LayerwiseAdamW
 from ibot_keras.models.vit import VisionTransformer
 
 
 @keras.saving.register_keras_serializable(package="ibot_keras")
-class ViTClassifier(keras.Model):
+class ViTClassifier(BackboneWrapper):
     """``(B, H, W, C) -> (B, num_classes)`` logits: a linear head on the final-norm [CLS].
 
     Head init as BEiT: N(0, 0.02) weights and zero bias, both multiplied by
@@ -55,18 +56,11 @@ class ViTClassifier(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(
-            backbone=keras.saving.serialize_keras_object(self.backbone),
             num_classes=self.num_classes,
             head_init_scale=self.head_init_scale,
             seed=self.seed,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
 
 
 def build_finetune_model(backbone, num_classes, drop_path_rate=None, head_init_scale=0.001, seed=None):

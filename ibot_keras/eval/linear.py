@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from ibot_keras.eval.features import BackboneWrapper
 from ibot_keras.eval.scaled_optimizers import ProbeSGD
 
 
@@ -34,7 +35,7 @@ def official_lr_grid():
 
 
 @keras.saving.register_keras_serializable(package="ibot_keras")
-class MultiBlockFeatures(keras.Model):
+class MultiBlockFeatures(BackboneWrapper):
     """``(B, H, W, C) -> (B, n_last_blocks * D [+ D])`` linear-probe features of a ViT.
 
     Each of the last ``n_last_blocks`` blocks' output goes through the backbone's final
@@ -75,17 +76,10 @@ class MultiBlockFeatures(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(
-            backbone=keras.saving.serialize_keras_object(self.backbone),
             n_last_blocks=self.n_last_blocks,
             avgpool_patchtokens=self.avgpool_patchtokens,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
 
 
 def extract_multiblock_features(
