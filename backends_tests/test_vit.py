@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import load_fixture, official_state, to_numpy
+from conftest import load_fixture, official_state, to_numpy, value_and_grad
 
 import ibot_keras
 from ibot_keras import IBOTHead, VisionTransformer
@@ -179,3 +179,43 @@ def test_serialization_round_trip(tmp_path):
     vit.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(to_numpy(vit(images)), to_numpy(loaded(images)))
+
+
+def _numpy_layer_norm(x, gamma, beta, eps):
+    x = x.astype(np.float64)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def test_layer_norm_matches_numpy_and_keras_gradients():
+    """``LayerNorm`` (the backend's fastest form) = a float64 NumPy LayerNorm, and its input
+    gradient = that of ``keras.layers.LayerNormalization`` (float32: 1e-5)."""
+    from ibot_keras.layers import LayerNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 7, 24)) * 4 + 2).astype("float32")
+    gamma, beta = rng.standard_normal(24).astype("float32"), rng.standard_normal(24).astype("float32")
+    ours, stock = LayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
+    for layer in (ours, stock):
+        layer.build(x.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    np.testing.assert_allclose(to_numpy(keras.ops.stop_gradient(ours(x))), _numpy_layer_norm(x, gamma, beta, 1e-6), atol=1e-5)
+    weights = rng.standard_normal(x.shape).astype("float32")  # a non-trivial upstream gradient
+    _, (ours_grad,) = value_and_grad(lambda inp: keras.ops.sum(keras.ops.multiply(ours(inp), weights)), x)
+    _, (stock_grad,) = value_and_grad(lambda inp: keras.ops.sum(keras.ops.multiply(stock(inp), weights)), x)
+    np.testing.assert_allclose(ours_grad, stock_grad, atol=1e-5)
+    assert np.abs(ours_grad).max() > 1e-2  # not trivially zero
+    restored = LayerNorm.from_config(ours.get_config())
+    assert restored.epsilon == 1e-6
+
+
+def test_layer_norm_keeps_the_compute_dtype_under_mixed_precision():
+    from ibot_keras.layers import LayerNorm
+
+    layer = LayerNorm(epsilon=1e-6, dtype="mixed_bfloat16")
+    x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype("float32")
+    out = layer(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    np.testing.assert_allclose(to_numpy(keras.ops.stop_gradient(keras.ops.cast(out, "float32"))), _numpy_layer_norm(x, 1.0, 0.0, 1e-6), atol=2e-2)

@@ -28,6 +28,11 @@
      optimizer sees them.
    - ``data_parallel``: sets up the backend's data parallelism (JAX ``DataParallel``,
      TensorFlow ``MirroredStrategy``, torch process group from the ``torchrun`` environment).
+4. ``layer_norm``: the same LayerNorm, in the form each backend runs fastest. On JAX the
+   explicit ``(x - mean) * rsqrt(mean((x - mean)^2) + eps)`` compiles to a much faster
+   backward on XLA:CPU than Keras' ``ops.layer_normalization`` (whose ``jnp.var`` recomputes
+   the mean): baseline-cpu step 1.82 -> 2.51 images/s. TensorFlow measured no gain (3.63 vs
+   3.43 images/s, within noise) and torch has a fused kernel, so both keep Keras' op.
 """
 
 import collections
@@ -37,6 +42,17 @@ import os
 import keras
 
 _BACKEND = keras.backend.backend()
+
+
+def layer_norm(x, gamma, beta, epsilon):
+    """LayerNorm over the last axis in float32: ``(..., D) -> (..., D)`` float32."""
+    x = keras.ops.cast(x, "float32")
+    gamma, beta = keras.ops.cast(gamma, "float32"), keras.ops.cast(beta, "float32")
+    if _BACKEND != "jax":
+        return keras.ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
+    centred = x - keras.ops.mean(x, axis=-1, keepdims=True)
+    variance = keras.ops.mean(keras.ops.square(centred), axis=-1, keepdims=True)
+    return centred * keras.ops.rsqrt(variance + epsilon) * gamma + beta
 
 
 def _torch_world_size():
