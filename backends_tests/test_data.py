@@ -13,6 +13,7 @@ from ibot_keras.data import (
     IMAGENET_STD,
     ArraySource,
     ImageFolderSource,
+    IterableSource,
     MultiCropAugmentation,
     MultiCropLoader,
 )
@@ -151,6 +152,51 @@ def test_folder_errors(tmp_path):
         ImageFolderSource(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="No readable images"):
         ImageFolderSource(str(tmp_path))
+
+
+def test_iterable_sources_tf_data_pydataset_generator():
+    """tf.data (batched, (image, label)), a PyDataset of (x, y) batches and a generator of
+    float dicts all give the same uint8 images and labels as the arrays they came from."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, 10)
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return images[4 * i : 4 * i + 4], labels[4 * i : 4 * i + 4]
+
+    def dicts():
+        for image, label in zip(images, labels):
+            yield {"image": image.astype("float32") / 255.0, "label": label}
+
+    sources = [IterableSource(Batches(), verbose=0), IterableSource(dicts(), verbose=0)]
+    tf = pytest.importorskip("tensorflow")
+    sources.append(IterableSource(tf.data.Dataset.from_tensor_slices((images, labels)).batch(3), verbose=0))
+    for source in sources:
+        assert len(source) == 10
+        np.testing.assert_array_equal(np.stack([source[i] for i in range(10)]), images)
+        np.testing.assert_array_equal(source.labels, labels)
+    grey = IterableSource((image[..., 0] for image in images), max_images=4, verbose=0)
+    assert len(grey) == 4 and grey.labels is None and grey[3].shape == (12, 12)
+    loader = MultiCropLoader(grey, MultiCropAugmentation(2, 1, global_crop_size=16, local_crop_size=8),
+                             BlockMasking((0.0, 0.3), (0.0, 0.2)), 4, batch_size=2)
+    assert loader[0][0]["global_crops"].shape == (2, 2, 16, 16, 3)
+
+
+def test_iterable_source_errors():
+    with pytest.raises(ValueError, match="yielded no images"):
+        IterableSource([], verbose=0)
+    with pytest.raises(ValueError, match="no 'image' key"):
+        IterableSource([{"pixels": np.zeros((4, 4), np.uint8)}], verbose=0)
+    with pytest.raises(ValueError, match="0..255"):
+        IterableSource([np.full((4, 4), 300, np.int32)], verbose=0)
+    with pytest.raises(ValueError, match="labels and others do not"):
+        IterableSource([(np.zeros((4, 4), np.uint8), 1), np.zeros((4, 4), np.uint8)], verbose=0)
 
 
 def test_small_images_are_upscaled():

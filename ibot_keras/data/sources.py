@@ -3,6 +3,7 @@
 import os
 import warnings
 
+import keras
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -79,6 +80,94 @@ class ImageFolderSource:
     def __getitem__(self, index):
         with Image.open(self.paths[index]) as image:
             return image.convert("RGB")
+
+
+class IterableSource(ArraySource):
+    """Images from a ``tf.data.Dataset``, a ``keras.utils.PyDataset``, a generator or any
+    iterable, read once into memory (the loader needs random access for its per-index random
+    streams; for large datasets prefer ``ImageFolderSource``, which reads lazily).
+
+    Elements may be an image, ``(image, label)``, ``(image,)`` or a dict with ``image_key``
+    (``"image"``) and optionally ``label_key`` (``"label"``); images or labels may come in
+    batches (a leading batch axis, as from a ``PyDataset`` or a batched ``tf.data``) and as
+    tensors of any backend. uint8 images are kept; floating-point images are read as
+    ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``.
+
+    Args:
+        iterable: the data.
+        max_images: stop after this many images (``None``: all).
+        image_key, label_key: dict keys of dict elements.
+        verbose: show a progress bar while reading (1) or not (0).
+    """
+
+    def __init__(self, iterable, max_images=None, image_key="image", label_key="label", verbose=1):
+        images, labels = [], []
+        progress = keras.utils.Progbar(max_images, unit_name="image") if verbose else None
+        for element in iterable:
+            image, label = _split_element(element, image_key, label_key)
+            image = _as_uint8(image)
+            batched = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4))
+            batch_images = list(image) if batched else [image]
+            if label is None:
+                batch_labels = [None] * len(batch_images)
+            else:
+                label = np.asarray(_to_numpy(label)).reshape(-1)
+                if len(label) != len(batch_images):
+                    raise ValueError(f"An element has {len(batch_images)} image(s) but {len(label)} label(s).")
+                batch_labels = list(label)
+            for one_image, one_label in zip(batch_images, batch_labels):
+                if max_images is not None and len(images) >= max_images:
+                    break
+                images.append(one_image)
+                labels.append(one_label)
+            if progress is not None:
+                progress.update(len(images))
+            if max_images is not None and len(images) >= max_images:
+                break
+        if not images:
+            raise ValueError("The iterable yielded no images.")
+        has_labels = [label is not None for label in labels]
+        if any(has_labels) and not all(has_labels):
+            raise ValueError("Some elements have labels and others do not.")
+        super().__init__(images, np.asarray(labels, dtype=np.int64) if all(has_labels) else None)
+
+
+def _to_numpy(x):
+    if hasattr(x, "numpy"):  # TensorFlow eager tensors, torch CPU tensors
+        try:
+            return x.numpy()
+        except (TypeError, RuntimeError):
+            return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _split_element(element, image_key, label_key):
+    """``(image, label or None)`` of one element of an ``IterableSource``."""
+    if isinstance(element, dict):
+        if image_key not in element:
+            raise ValueError(f"A dict element has no {image_key!r} key (keys: {sorted(element)}); pass image_key=.")
+        return element[image_key], element.get(label_key)
+    if isinstance(element, (tuple, list)):
+        if len(element) == 1:
+            return element[0], None
+        if len(element) >= 2:
+            return element[0], element[1]
+        raise ValueError("An element is an empty tuple.")
+    return element, None
+
+
+def _as_uint8(image):
+    array = _to_numpy(image)
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else 1.0
+        return np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(f"Integer images must lie in 0..255; got {array.min()}..{array.max()}.")
+        return array.astype(np.uint8)
+    raise ValueError(f"Images must be numeric arrays; got dtype {array.dtype}.")
 
 
 def load_digits():
