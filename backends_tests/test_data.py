@@ -154,14 +154,23 @@ def test_folder_errors(tmp_path):
         ImageFolderSource(str(tmp_path))
 
 
-def test_iterable_sources_tf_data_pydataset_generator():
-    """tf.data (batched, (image, label)), a PyDataset of (x, y) batches and a generator of
-    float dicts all give the same uint8 images and labels as the arrays they came from."""
+ITERABLE_RNG = np.random.default_rng(0)
+ITERABLE_IMAGES = ITERABLE_RNG.integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
+ITERABLE_LABELS = ITERABLE_RNG.integers(0, 5, 10)
+
+
+def assert_source_holds(source, images, labels):
+    assert len(source) == len(images)
+    np.testing.assert_array_equal(np.stack([source[i] for i in range(len(source))]), images)
+    np.testing.assert_array_equal(source.labels, labels)
+
+
+def test_iterable_sources_pydataset_and_generator():
+    """A PyDataset of (x, y) batches and a generator of float dicts give the same uint8 images
+    and labels as the arrays they came from; a capped grey generator feeds the loader."""
     import keras
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
-    labels = rng.integers(0, 5, 10)
+    images, labels = ITERABLE_IMAGES, ITERABLE_LABELS
 
     class Batches(keras.utils.PyDataset):
         def __len__(self):
@@ -174,18 +183,20 @@ def test_iterable_sources_tf_data_pydataset_generator():
         for image, label in zip(images, labels):
             yield {"image": image.astype("float32") / 255.0, "label": label}
 
-    sources = [IterableSource(Batches(), verbose=0), IterableSource(dicts(), verbose=0)]
-    tf = pytest.importorskip("tensorflow")
-    sources.append(IterableSource(tf.data.Dataset.from_tensor_slices((images, labels)).batch(3), verbose=0))
-    for source in sources:
-        assert len(source) == 10
-        np.testing.assert_array_equal(np.stack([source[i] for i in range(10)]), images)
-        np.testing.assert_array_equal(source.labels, labels)
+    assert_source_holds(IterableSource(Batches(), verbose=0), images, labels)
+    assert_source_holds(IterableSource(dicts(), verbose=0), images, labels)
     grey = IterableSource((image[..., 0] for image in images), max_images=4, verbose=0)
     assert len(grey) == 4 and grey.labels is None and grey[3].shape == (12, 12)
     loader = MultiCropLoader(grey, MultiCropAugmentation(2, 1, global_crop_size=16, local_crop_size=8),
                              BlockMasking((0.0, 0.3), (0.0, 0.2)), 4, batch_size=2)
     assert loader[0][0]["global_crops"].shape == (2, 2, 16, 16, 3)
+
+
+def test_iterable_source_tf_data():
+    """A batched tf.data.Dataset of (image, label) (only where TensorFlow is installed)."""
+    tf = pytest.importorskip("tensorflow")
+    dataset = tf.data.Dataset.from_tensor_slices((ITERABLE_IMAGES, ITERABLE_LABELS)).batch(3)
+    assert_source_holds(IterableSource(dataset, verbose=0), ITERABLE_IMAGES, ITERABLE_LABELS)
 
 
 def test_iterable_source_errors():
