@@ -8,7 +8,7 @@ from conftest import load_fixture, official_state, to_numpy, value_and_grad
 import ibot_keras
 from ibot_keras import IBOTHead, VisionTransformer
 from ibot_keras.checkpoint import load_state
-from ibot_keras.layers import DropPath, interpolate_position_embedding
+from ibot_keras.layers import DropPath, LayerNormalization, interpolate_position_embedding
 
 V = load_fixture("ibot_vit_case")
 ATOL = 1e-5  # float32 ViT outputs vs the official float32 ones (fixture README)
@@ -189,14 +189,12 @@ def _numpy_layer_norm(x, gamma, beta, eps):
 
 
 def test_layer_norm_matches_numpy_and_keras_gradients():
-    """``LayerNorm`` (the backend's fastest form) = a float64 NumPy LayerNorm, and its input
+    """``ibot_keras.layers.LayerNormalization`` (the backend's fastest form) = a float64 NumPy LayerNorm, and its input
     gradient = that of ``keras.layers.LayerNormalization`` (float32: 1e-5)."""
-    from ibot_keras.layers import LayerNorm
-
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 7, 24)) * 4 + 2).astype("float32")
     gamma, beta = rng.standard_normal(24).astype("float32"), rng.standard_normal(24).astype("float32")
-    ours, stock = LayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
+    ours, stock = LayerNormalization(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
     for layer in (ours, stock):
         layer.build(x.shape)
         layer.gamma.assign(gamma)
@@ -207,14 +205,32 @@ def test_layer_norm_matches_numpy_and_keras_gradients():
     _, (stock_grad,) = value_and_grad(lambda inp: keras.ops.sum(keras.ops.multiply(stock(inp), weights)), x)
     np.testing.assert_allclose(ours_grad, stock_grad, atol=1e-5)
     assert np.abs(ours_grad).max() > 1e-2  # not trivially zero
-    restored = LayerNorm.from_config(ours.get_config())
+    restored = LayerNormalization.from_config(ours.get_config())
     assert restored.epsilon == 1e-6
 
 
-def test_layer_norm_keeps_the_compute_dtype_under_mixed_precision():
-    from ibot_keras.layers import LayerNorm
+def test_files_saved_with_keras_layer_normalization_still_load(tmp_path, monkeypatch):
+    """A ViT saved when its norms were ``keras.layers.LayerNormalization`` (before the fast
+    form) loads into today's ViT with every weight (the saved paths derive from the class name)."""
+    import ibot_keras.layers.transformer_block as block_module
+    import ibot_keras.models.vit as vit_module
 
-    layer = LayerNorm(epsilon=1e-6, dtype="mixed_bfloat16")
+    images = np.random.default_rng(2).standard_normal((2, 16, 16, 3)).astype("float32")
+    with monkeypatch.context() as patch:
+        patch.setattr(vit_module, "LayerNormalization", keras.layers.LayerNormalization)
+        patch.setattr(block_module, "LayerNormalization", keras.layers.LayerNormalization)
+        old = make_vit()
+        assert type(old.norm) is keras.layers.LayerNormalization
+        old.norm.gamma.assign(np.linspace(0.5, 1.5, 16))  # not the initial value
+        expected = to_numpy(old(images))
+        old.save(tmp_path / "old.keras")
+    restored = keras.saving.load_model(tmp_path / "old.keras")
+    assert type(restored.norm) is LayerNormalization
+    np.testing.assert_allclose(to_numpy(restored(images)), expected, atol=1e-5)
+
+
+def test_layer_norm_keeps_the_compute_dtype_under_mixed_precision():
+    layer = LayerNormalization(epsilon=1e-6, dtype="mixed_bfloat16")
     x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype("float32")
     out = layer(x)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"

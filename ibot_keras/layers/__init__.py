@@ -2,7 +2,7 @@
 
 from ibot_keras.layers.attention import Attention
 from ibot_keras.layers.drop_path import DropPath
-from ibot_keras.layers.layer_norm import LayerNorm
+from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.mlp import Mlp
 from ibot_keras.layers.patch_embedding import PatchEmbedding
 from ibot_keras.layers.position_embedding import interpolate_position_embedding
@@ -12,7 +12,7 @@ from ibot_keras.layers.weight_norm_dense import WeightNormDense
 __all__ = [
     "Attention",
     "DropPath",
-    "LayerNorm",
+    "LayerNormalization",
     "Mlp",
     "PatchEmbedding",
     "TransformerBlock",

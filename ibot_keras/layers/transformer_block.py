@@ -2,7 +2,7 @@ import keras
 
 from ibot_keras.layers.attention import Attention
 from ibot_keras.layers.drop_path import DropPath
-from ibot_keras.layers.layer_norm import LayerNorm
+from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.mlp import Mlp
 
 
@@ -32,9 +32,9 @@ class TransformerBlock(keras.layers.Layer):
         self.qkv_bias = bool(qkv_bias)
         self.drop_path_rate = float(drop_path_rate)
         self.seed = seed
-        self.norm1 = LayerNorm(epsilon=1e-6, name="norm1")
+        self.norm1 = LayerNormalization(epsilon=1e-6, name="norm1")
         self.attn = Attention(self.dim, self.num_heads, qkv_bias=self.qkv_bias, name="attn")
-        self.norm2 = LayerNorm(epsilon=1e-6, name="norm2")
+        self.norm2 = LayerNormalization(epsilon=1e-6, name="norm2")
         self.mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), name="mlp")
         self.drop_path = DropPath(self.drop_path_rate, seed=seed, name="drop_path")
         self.trainable = trainable

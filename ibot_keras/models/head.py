@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from ibot_keras.layers.initializers import linear_kernel_init
-from ibot_keras.layers.layer_norm import LayerNorm
+from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.weight_norm_dense import WeightNormDense
 
 _ACTIVATIONS = {
@@ -89,7 +89,7 @@ class IBOTHead(keras.layers.Layer):
                 index += 1
                 if norm == "ln":
                     mlp.append(
-                        (index, LayerNorm(epsilon=1e-5, name=f"mlp_{index}"))
+                        (index, LayerNormalization(epsilon=1e-5, name=f"mlp_{index}"))
                     )
                     index += 1
                 mlp.append((index, act))

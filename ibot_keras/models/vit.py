@@ -5,7 +5,7 @@ import numpy as np
 from keras import ops
 
 from ibot_keras.layers.initializers import linear_kernel_init
-from ibot_keras.layers.layer_norm import LayerNorm
+from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.patch_embedding import PatchEmbedding
 from ibot_keras.layers.position_embedding import interpolate_position_embedding
 from ibot_keras.layers.transformer_block import TransformerBlock
@@ -85,7 +85,7 @@ class VisionTransformer(keras.Model):
             )
             for i in range(self.depth)
         ]
-        self.norm = LayerNorm(epsilon=1e-6, name="norm")
+        self.norm = LayerNormalization(epsilon=1e-6, name="norm")
         self.build()
         self.trainable = trainable
 
