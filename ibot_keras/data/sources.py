@@ -90,7 +90,8 @@ class IterableSource(ArraySource):
     Elements may be an image, ``(image, label)``, ``(image,)`` or a dict with ``image_key``
     (``"image"``) and optionally ``label_key`` (``"label"``); images or labels may come in
     batches (a leading batch axis, as from a ``PyDataset`` or a batched ``tf.data``) and as
-    tensors of any backend. uint8 images are kept; floating-point images are read as
+    tensors of any backend (an ``(N, H, W)`` array whose last size is 1, 3 or 4 reads as one
+    image, not a batch of grey ones). uint8 images are kept; floating-point images are read as
     ``[0, 1]`` when their maximum is at most 1, else as ``[0, 255]``.
 
     Args:
@@ -115,11 +116,9 @@ class IterableSource(ArraySource):
                 if len(label) != len(batch_images):
                     raise ValueError(f"An element has {len(batch_images)} image(s) but {len(label)} label(s).")
                 batch_labels = list(label)
-            for one_image, one_label in zip(batch_images, batch_labels):
-                if max_images is not None and len(images) >= max_images:
-                    break
-                images.append(one_image)
-                labels.append(one_label)
+            room = len(batch_images) if max_images is None else max_images - len(images)
+            images += batch_images[:room]
+            labels += batch_labels[:room]
             if progress is not None:
                 progress.update(len(images))
             if max_images is not None and len(images) >= max_images:
