@@ -7,7 +7,11 @@ figures"), for the ``examples/pretrain.py`` config given by its flags (digits de
 
 Prints, over the first 256 evaluation views: the mean pairwise cosine of the final-norm CLS
 features, the standard deviation over images of the batch-centred teacher CLS logits, and the
-teacher entropy those logits give at temperature 0.04 (ln(out_dim) = uniform).
+teacher entropy those logits give at temperature 0.04 (ln(out_dim) = uniform); then, for the
+two global crops the loss pairs (the config's multi-crop recipe), the cross-view correlation of
+the batch-centred teacher CLS logits: mean cosine between the two views of the same image, and
+between views of different images. The CLS loss asks the student to predict one view's centred
+teacher output from the other view, so only the same-image part of that signal is learnable.
 """
 
 import os
@@ -20,7 +24,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import pretrain  # noqa: E402
 
 import ibot_keras  # noqa: E402
+from ibot_keras.data import MultiCropAugmentation  # noqa: E402
 from ibot_keras.eval import eval_views  # noqa: E402
+
+
+def centred_unit(logits):
+    centred = logits - logits.mean(0)
+    return centred / np.linalg.norm(centred, axis=1, keepdims=True)
+
+
+def cross_view_correlation(model, config, source, count=256, seed=0):
+    """(same image, different images) mean cosine of the batch-centred teacher CLS logits of
+    the first two global crops of ``count`` images."""
+    augmentation = MultiCropAugmentation(
+        config.global_crops_number, 0, config.global_crops_scale, config.local_crops_scale,
+        config.global_crop_size, config.local_crop_size,
+    )
+    rng = np.random.default_rng(seed)
+    pairs = [augmentation(source[i], rng)[0][:2] for i in range(count)]
+    views = [np.stack([pair[v] for pair in pairs]) for v in (0, 1)]
+    first, second = (centred_unit(ops.convert_to_numpy(model.teacher_head(model.teacher_backbone(v)[:, 0]))) for v in views)
+    similarity = first @ second.T
+    same = np.diag(similarity).mean()
+    different = (similarity.sum() - np.trace(similarity)) / (count * (count - 1))
+    return same, different
 
 
 def main(argv=None):
@@ -38,6 +65,9 @@ def main(argv=None):
     entropy = -(probs * np.log(probs + 1e-12)).sum(-1).mean()
     print(f"mean pairwise cosine of CLS features {cosine:.4f}; centred teacher logit std "
           f"{(logits - logits.mean(0)).std():.4f}; teacher entropy at 0.04 {entropy:.2f} of ln K = {np.log(logits.shape[-1]):.2f}")
+    same, different = cross_view_correlation(model, config, pretrain.load_source(args))
+    print(f"cross-view cosine of centred teacher logits (global crops 1 and 2): same image {same:.3f}, "
+          f"different images {different:.3f}")
 
 
 if __name__ == "__main__":
