@@ -45,9 +45,9 @@ from ibot_keras.resume import TrainingCheckpoint, restore_training_state
 # Small-data defaults for the embedded digits (official values are PretrainConfig's).
 DIGITS_DEFAULTS = dict(
     arch="vit_tiny", patch_size=4, embed_dim=128, depth=4, num_heads=4, image_size=16,
-    global_crop_size=16, local_crop_size=8, local_crops_number=4, out_dim=512, patch_out_dim=512,
+    global_crop_size=16, local_crop_size=8, local_crops_number=0, out_dim=512, patch_out_dim=512,
     shared_head=True, norm_last_layer=True, head_hidden_dim=256, head_bottleneck_dim=64,
-    batch_size=64, epochs=20, lr=1e-3, warmup_epochs=2, min_lr=1e-5, warmup_teacher_temp=0.04,
+    batch_size=32, epochs=30, lr=2e-3, warmup_epochs=2, min_lr=1e-5, warmup_teacher_temp=0.04,
     teacher_temp=0.07, warmup_teacher_temp_epochs=5, momentum_teacher=0.996, drop_path=0.0,
     global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), pred_ratio=(0.0, 0.3),
     pred_ratio_var=(0.0, 0.2), saveckp_freq=10, output_dir="runs/digits", num_workers=2,
