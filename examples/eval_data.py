@@ -24,7 +24,9 @@ def load_backbone(args):
     """The ``--checkpoint`` backbone, or a random ViT of the digits example's size."""
     if args.checkpoint:
         return keras.saving.load_model(args.checkpoint)
-    print("No --checkpoint: a randomly initialised ViT.")
+    seed = getattr(args, "seed", 0)
+    print(f"No --checkpoint: a randomly initialised ViT (seed {seed}).")
+    ibot_keras.config.set_random_seed(seed)  # the same random network on every run
     return ibot_keras.VisionTransformer(patch_size=4, embed_dim=128, depth=4, num_heads=4, image_size=16)
 
 
