@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import pretrain  # noqa: E402
 
 import ibot_keras  # noqa: E402
-from ibot_keras.data import MultiCropAugmentation  # noqa: E402
 from ibot_keras.eval import eval_views  # noqa: E402
 
 
@@ -36,10 +35,7 @@ def centred_unit(logits):
 def cross_view_correlation(model, config, source, count=256, seed=0):
     """(same image, different images) mean cosine of the batch-centred teacher CLS logits of
     the first two global crops of ``count`` images."""
-    augmentation = MultiCropAugmentation(
-        config.global_crops_number, 0, config.global_crops_scale, config.local_crops_scale,
-        config.global_crop_size, config.local_crop_size,
-    )
+    augmentation = pretrain.make_augmentation(config)
     rng = np.random.default_rng(seed)
     pairs = [augmentation(source[i], rng)[0][:2] for i in range(count)]
     views = [np.stack([pair[v] for pair in pairs]) for v in (0, 1)]
@@ -54,7 +50,8 @@ def main(argv=None):
     args = pretrain.parser().parse_args(argv)
     config = pretrain.make_config(args)
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=1)
-    views = eval_views(pretrain.load_source(args), config.global_crop_size)[:256]
+    source = pretrain.load_source(args)
+    views = eval_views(source, config.global_crop_size)[:256]
     cls = ops.convert_to_numpy(model.teacher_backbone(views))[:, 0]
     unit = cls / np.linalg.norm(cls, axis=1, keepdims=True)
     cosine = (unit @ unit.T)[np.triu_indices(len(unit), 1)].mean()
@@ -65,7 +62,7 @@ def main(argv=None):
     entropy = -(probs * np.log(probs + 1e-12)).sum(-1).mean()
     print(f"mean pairwise cosine of CLS features {cosine:.4f}; centred teacher logit std "
           f"{(logits - logits.mean(0)).std():.4f}; teacher entropy at 0.04 {entropy:.2f} of ln K = {np.log(logits.shape[-1]):.2f}")
-    same, different = cross_view_correlation(model, config, pretrain.load_source(args))
+    same, different = cross_view_correlation(model, config, source)
     print(f"cross-view cosine of centred teacher logits (global crops 1 and 2): same image {same:.3f}, "
           f"different images {different:.3f}")
 

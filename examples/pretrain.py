@@ -109,6 +109,15 @@ def load_source(args):
     return ArraySource(images, labels.reshape(-1))
 
 
+def make_augmentation(config):
+    """The config's multi-crop recipe (official probabilities, the config's crop numbers, scales
+    and sizes)."""
+    return MultiCropAugmentation(
+        config.global_crops_number, config.local_crops_number, config.global_crops_scale,
+        config.local_crops_scale, config.global_crop_size, config.local_crop_size,
+    )
+
+
 def knn_report(backbone, source, size, seed=0):
     """k-NN (k=20, T=0.07) top-1 of CLS features on a fixed 70/30 split of a labelled source
     (``backbone=None``: raw pixels of the evaluation views)."""
@@ -174,10 +183,7 @@ def train(args, parallel):
               f"output: {config.output_dir}")
 
     source = load_source(args)
-    augmentation = MultiCropAugmentation(
-        config.global_crops_number, config.local_crops_number, config.global_crops_scale,
-        config.local_crops_scale, config.global_crop_size, config.local_crop_size,
-    )
+    augmentation = make_augmentation(config)
     masking = BlockMasking(config.pred_ratio, config.pred_ratio_var, config.pred_shape, pred_start_epoch=config.pred_start_epoch)
     loader = MultiCropLoader(
         source, augmentation, masking, config.patch_size, config.batch_size, seed=config.seed,
