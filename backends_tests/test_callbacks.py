@@ -80,11 +80,35 @@ def test_collapse_diagnostics_and_warning():
     batch_entropy = -(mean_p * np.log(mean_p)).sum()
     usage = len(set(logits.argmax(-1))) / 32
     monitor = CollapseMonitor(uniform_fraction=0.0)  # flags every epoch: checks the wiring
-    with pytest.warns(UserWarning, match="looks collapsed"):
+    with pytest.warns(UserWarning) as caught:
         history = model.fit(batch, batch_size=2, epochs=1, verbose=0, callbacks=[monitor])
+    messages = [str(w.message) for w in caught]
+    assert sum("looks collapsed (uniform)" in m for m in messages) == 1
+    assert any("looked collapsed: uniform in 1 epoch(s) (1)" in m for m in messages)
     logs = {k: v[0] for k, v in history.history.items()}
     assert logs["teacher_entropy"] == pytest.approx(entropy, rel=1e-4)
     assert logs["teacher_batch_entropy"] == pytest.approx(batch_entropy, rel=1e-4)
     assert logs["prototype_usage"] == pytest.approx(usage)
     assert logs["kl"] == pytest.approx(logs["cls"] - entropy, rel=1e-4, abs=1e-5)
     assert monitor.collapsed_epochs == [0]
+
+
+def test_collapse_monitor_warns_once_per_state_and_summarises():
+    from ibot_keras.callbacks import CollapseMonitor
+
+    model = build_pretrainer(tiny_config(drop_path=0.0, epochs=3), steps_per_epoch=1)
+    monitor = CollapseMonitor(uniform_fraction=0.0)  # every epoch reads as uniform collapse
+    with pytest.warns(UserWarning) as caught:
+        model.fit(tiny_batch(), batch_size=2, epochs=3, verbose=0, callbacks=[monitor])
+    messages = [str(w.message) for w in caught]
+    # One warning when the state starts (epoch 1), none for epochs 2-3, one summary at the end.
+    assert [m.split(":")[0] for m in messages if "looks collapsed" in m] == ["Epoch 1"]
+    assert any("uniform in 3 epoch(s) (1-3)" in m for m in messages)
+    assert monitor.collapsed_epochs == [0, 1, 2]
+
+
+def test_epoch_ranges():
+    from ibot_keras.callbacks import _epoch_ranges
+
+    assert _epoch_ranges([0, 1, 2, 5, 7, 8]) == "1-3, 6, 8-9"
+    assert _epoch_ranges([4]) == "5"

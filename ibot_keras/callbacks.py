@@ -82,16 +82,18 @@ class TeacherMomentumScheduler(_EpochScheduler):
 
 
 class CollapseMonitor(keras.callbacks.Callback):
-    """Warns at the end of an epoch when the teacher looks collapsed, from the epoch means of
-    the model's diagnostics (see ``IBOT._update_collapse_diagnostics``):
+    """Warns when the teacher looks collapsed, from the epoch means of the model's diagnostics
+    (see ``IBOT._update_collapse_diagnostics``):
 
     - uniform collapse: ``teacher_entropy`` above ``uniform_fraction * log(out_dim)``;
     - single-prototype collapse: ``teacher_batch_entropy`` below
       ``single_fraction * log(out_dim)``.
 
-    Remedies users report for DINO-style training: a lower teacher temperature (sharpening),
-    a longer ``freeze_last_layer``, a larger ``out_dim``, more data or longer training.
-    ``collapsed_epochs`` lists the epochs that were flagged.
+    One warning when a collapse starts or changes kind (not one per epoch of the same state),
+    and a summary at the end of training. ``collapsed_epochs`` lists every flagged epoch
+    (0-based). Remedies users report for DINO-style training: a lower teacher temperature
+    (sharpening), a longer ``freeze_last_layer``, a larger ``out_dim``, more data or longer
+    training.
     """
 
     def __init__(self, uniform_fraction=0.97, single_fraction=0.05):
@@ -99,6 +101,12 @@ class CollapseMonitor(keras.callbacks.Callback):
         self.uniform_fraction = uniform_fraction
         self.single_fraction = single_fraction
         self.collapsed_epochs = []
+        self._kind = None
+        self._kinds = {}
+
+    def on_train_begin(self, logs=None):
+        self._kind = None
+        self._kinds = {}
 
     def on_epoch_end(self, epoch, logs=None):
         if not logs or "teacher_entropy" not in logs:
@@ -111,13 +119,35 @@ class CollapseMonitor(keras.callbacks.Callback):
             kind = "single-prototype"
         if kind:
             self.collapsed_epochs.append(epoch)
-            warnings.warn(
-                f"Epoch {epoch + 1}: the teacher looks collapsed ({kind}): teacher_entropy "
-                f"{logs['teacher_entropy']:.3f}, teacher_batch_entropy {logs['teacher_batch_entropy']:.3f}, "
-                f"log(out_dim) {log_k:.3f}. Try a lower teacher temperature, a longer "
-                "freeze_last_layer, a larger out_dim, or more data.",
-                stacklevel=2,
-            )
+            self._kinds.setdefault(kind, []).append(epoch)
+            if kind != self._kind:
+                warnings.warn(
+                    f"Epoch {epoch + 1}: the teacher looks collapsed ({kind}): teacher_entropy "
+                    f"{logs['teacher_entropy']:.3f}, teacher_batch_entropy "
+                    f"{logs['teacher_batch_entropy']:.3f}, log(out_dim) {log_k:.3f}. Try a lower "
+                    "teacher temperature, a longer freeze_last_layer, a larger out_dim, or more "
+                    "data. Further epochs in this state are summarised at the end of training.",
+                    stacklevel=2,
+                )
+        self._kind = kind
+
+    def on_train_end(self, logs=None):
+        if not self._kinds:
+            return
+        parts = [f"{kind} in {len(epochs)} epoch(s) ({_epoch_ranges(epochs)})" for kind, epochs in self._kinds.items()]
+        warnings.warn("The teacher looked collapsed: " + "; ".join(parts) + ".", stacklevel=2)
+
+
+def _epoch_ranges(epochs):
+    """1-based, compressed: ``[0, 1, 2, 5]`` -> ``"1-3, 6"``."""
+    ranges, start = [], None
+    for i, epoch in enumerate(epochs):
+        if start is None:
+            start = epoch
+        if i + 1 == len(epochs) or epochs[i + 1] != epoch + 1:
+            ranges.append(f"{start + 1}" if start == epoch else f"{start + 1}-{epoch + 1}")
+            start = None
+    return ", ".join(ranges)
 
 
 class TeacherStateMonitor(keras.callbacks.Callback):
