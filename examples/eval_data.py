@@ -15,6 +15,8 @@ from ibot_keras.eval import eval_views
 def add_backbone_arguments(parser, data=True):
     parser.add_argument("--checkpoint", help="a .keras VisionTransformer (e.g. runs/digits/teacher_backbone.keras); default: random init")
     parser.add_argument("--image_size", type=int, help="default: the model's image_size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random ViT when no --checkpoint "
+                        "(0 = the network examples/pretrain.py starts from) and of the evaluation's own randomness")
     if data:
         parser.add_argument("--train_path", help="an image folder (class subfolders); default: embedded digits")
         parser.add_argument("--val_path")
@@ -24,9 +26,8 @@ def load_backbone(args):
     """The ``--checkpoint`` backbone, or a random ViT of the digits example's size."""
     if args.checkpoint:
         return keras.saving.load_model(args.checkpoint)
-    seed = getattr(args, "seed", 0)
-    print(f"No --checkpoint: a randomly initialised ViT (seed {seed}).")
-    ibot_keras.config.set_random_seed(seed)  # the same random network on every run
+    print(f"No --checkpoint: a randomly initialised ViT (seed {args.seed}).")
+    ibot_keras.config.set_random_seed(args.seed)  # the same random network on every run
     return ibot_keras.VisionTransformer(patch_size=4, embed_dim=128, depth=4, num_heads=4, image_size=16)
 
 

@@ -25,7 +25,6 @@ def main():
     parser.add_argument("--lrs", type=float, nargs="+", help="base lrs; default: the official 45-value grid")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=5, help="rows of the per-lr table printed")
     args = parser.parse_args()
 
