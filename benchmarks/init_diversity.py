@@ -4,6 +4,7 @@ figures"), for the ``examples/pretrain.py`` config given by its flags (digits de
 
     python benchmarks/init_diversity.py                       # digits defaults
     python benchmarks/init_diversity.py --patch_size 8 --depth 12
+    python benchmarks/init_diversity.py --backbone runs/digits/teacher_backbone.keras   # after training
 
 Prints, over the first 256 evaluation views: the mean pairwise cosine of the final-norm CLS
 features, the standard deviation over images of the batch-centred teacher CLS logits, and the
@@ -12,11 +13,17 @@ two global crops the loss pairs (the config's multi-crop recipe), the cross-view
 the batch-centred teacher CLS logits: mean cosine between the two views of the same image, and
 between views of different images. The CLS loss asks the student to predict one view's centred
 teacher output from the other view, so only the same-image part of that signal is learnable.
+The same two cosines are printed for the batch-centred CLS features of the backbone itself.
+
+``--backbone PATH`` (a ``.keras`` VisionTransformer of the config's shape, e.g. the teacher a
+run exported) replaces the teacher backbone's weights; the head stays at initialisation, so
+the backbone line is the one to compare with the untrained network.
 """
 
 import os
 import sys
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -32,24 +39,38 @@ def centred_unit(logits):
     return centred / np.linalg.norm(centred, axis=1, keepdims=True)
 
 
+def _same_and_different(first, second):
+    first, second = centred_unit(first), centred_unit(second)
+    similarity = first @ second.T
+    count = len(first)
+    return np.diag(similarity).mean(), (similarity.sum() - np.trace(similarity)) / (count * (count - 1))
+
+
 def cross_view_correlation(model, config, source, count=256, seed=0):
-    """(same image, different images) mean cosine of the batch-centred teacher CLS logits of
-    the first two global crops of ``count`` images."""
+    """``{"backbone CLS": (same, different), "teacher logits": (same, different)}``: mean
+    cosine, between the first two global crops of ``count`` images, of the batch-centred CLS
+    features and of the batch-centred teacher CLS logits (same image, different images)."""
     augmentation = pretrain.make_augmentation(config)
     rng = np.random.default_rng(seed)
     pairs = [augmentation(source[i], rng)[0][:2] for i in range(count)]
     views = [np.stack([pair[v] for pair in pairs]) for v in (0, 1)]
-    first, second = (centred_unit(ops.convert_to_numpy(model.teacher_head(model.teacher_backbone(v)[:, 0]))) for v in views)
-    similarity = first @ second.T
-    same = np.diag(similarity).mean()
-    different = (similarity.sum() - np.trace(similarity)) / (count * (count - 1))
-    return same, different
+    features = [model.teacher_backbone(v)[:, 0] for v in views]
+    logits = [ops.convert_to_numpy(model.teacher_head(f)) for f in features]
+    features = [ops.convert_to_numpy(f) for f in features]
+    return {"backbone CLS": _same_and_different(*features), "teacher logits": _same_and_different(*logits)}
 
 
 def main(argv=None):
-    args = pretrain.parser().parse_args(argv)
+    parser = pretrain.parser()
+    parser.add_argument("--backbone", help="a .keras VisionTransformer whose weights replace the teacher backbone's")
+    args = parser.parse_args(argv)
     config = pretrain.make_config(args)
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=1)
+    if args.backbone:
+        trained = keras.saving.load_model(args.backbone, compile=False)
+        if [w.shape for w in trained.weights] != [w.shape for w in model.teacher_backbone.weights]:
+            raise SystemExit(f"{args.backbone} does not match the config's backbone (pass the flags it was trained with)")
+        model.teacher_backbone.set_weights(trained.get_weights())
     source = pretrain.load_source(args)
     views = eval_views(source, config.global_crop_size)[:256]
     cls = ops.convert_to_numpy(model.teacher_backbone(views))[:, 0]
@@ -62,9 +83,9 @@ def main(argv=None):
     entropy = -(probs * np.log(probs + 1e-12)).sum(-1).mean()
     print(f"mean pairwise cosine of CLS features {cosine:.4f}; centred teacher logit std "
           f"{(logits - logits.mean(0)).std():.4f}; teacher entropy at 0.04 {entropy:.2f} of ln K = {np.log(logits.shape[-1]):.2f}")
-    same, different = cross_view_correlation(model, config, source)
-    print(f"cross-view cosine of centred teacher logits (global crops 1 and 2): same image {same:.3f}, "
-          f"different images {different:.3f}")
+    for name, (same, different) in cross_view_correlation(model, config, source).items():
+        print(f"cross-view cosine of centred {name} (global crops 1 and 2): same image {same:.3f}, "
+              f"different images {different:.3f}")
 
 
 if __name__ == "__main__":
