@@ -172,3 +172,18 @@ def test_float16_skipped_step_moves_neither_centers_nor_teacher(run):
     for name, var, _ in model.student_weights():
         if "last_layer" not in name:
             assert counts[id(var)] == STEPS - skipped, name
+
+
+def test_use_fp16_builds_under_mixed_float16_and_restores_the_global_policy():
+    model = build_pretrainer(tiny_config(use_fp16=True, drop_path=0.0), steps_per_epoch=1)
+    assert keras.config.dtype_policy().name == "float32"
+    assert model.dtype_policy.name == "mixed_float16"
+    assert model.student_backbone.compute_dtype == "float16"
+    assert model.student_backbone.variable_dtype == "float32"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    history = model.fit(tiny_batch(), batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    # use_fp16=False leaves a policy the user set alone.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = build_pretrainer(tiny_config(), steps_per_epoch=1)
+    assert model.student_backbone.compute_dtype == "bfloat16"

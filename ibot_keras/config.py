@@ -21,7 +21,10 @@ class PretrainConfig:
     Differences from ``main_ibot.py``:
     - ``batch_size`` is the **global** batch (official: ``batch_size_per_gpu`` x world size);
       the peak learning rate is ``lr * batch_size / 256`` as in the official code.
-    - ``use_fp16`` defaults to False (float32), since this library also targets CPUs.
+    - ``use_fp16`` defaults to False (float32), since this library also targets CPUs. True
+      builds the model under Keras' ``mixed_float16`` policy (float16 compute, float32
+      variables, dynamic loss scaling), the counterpart of the official autocast + GradScaler;
+      for bfloat16 set ``keras.config.set_dtype_policy("mixed_bfloat16")`` before building.
     - Explicit size overrides: ``embed_dim``, ``depth``, ``num_heads`` (default: from ``arch``),
       ``head_hidden_dim``/``head_bottleneck_dim``/``head_nlayers`` (official 2048/256/3),
       ``image_size`` (position-table size), ``global_crop_size``/``local_crop_size``.
@@ -281,10 +284,25 @@ def build_pretrainer(config, steps_per_epoch, jit_compile="auto", seed=None):
     """A compiled ``IBOT`` for ``config`` with official schedules, ready for ``fit``.
 
     Sets the random seeds to ``config.seed`` (as the official ``fix_random_seeds``; see
-    ``set_random_seed``) unless ``seed=False``. ``steps_per_epoch`` is the number of batches per epoch: lr, weight
+    ``set_random_seed``) unless ``seed=False``. ``config.use_fp16`` builds under the
+    ``mixed_float16`` policy (the global policy is restored afterwards); otherwise the model
+    takes the global policy. ``steps_per_epoch`` is the number of batches per epoch: lr, weight
     decay and teacher momentum are per-iteration schedules over ``epochs * steps_per_epoch``
     and the teacher temperatures change per epoch.
     """
+    if isinstance(config, dict):
+        config = PretrainConfig.from_dict(config)
+    if not config.use_fp16:
+        return _build_pretrainer(config, steps_per_epoch, jit_compile, seed)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        return _build_pretrainer(config, steps_per_epoch, jit_compile, seed)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _build_pretrainer(config, steps_per_epoch, jit_compile, seed):
     from ibot_keras.losses import IBOTLoss
     from ibot_keras.models.head import IBOTHead
     from ibot_keras.models.ibot import IBOT
@@ -292,8 +310,6 @@ def build_pretrainer(config, steps_per_epoch, jit_compile="auto", seed=None):
     from ibot_keras.optimizers import IBOTAdamW
     from ibot_keras.schedules import CosineSchedule
 
-    if isinstance(config, dict):
-        config = PretrainConfig.from_dict(config)
     if seed is not False:
         set_random_seed(config.seed if seed is None else seed)
     steps_per_epoch = int(steps_per_epoch)
