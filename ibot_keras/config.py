@@ -29,6 +29,8 @@ class PretrainConfig:
       ``head_hidden_dim``/``head_bottleneck_dim``/``head_nlayers`` (official 2048/256/3),
       ``image_size`` (position-table size), ``global_crop_size``/``local_crop_size``.
     - Only ViTs (no Swin) and the ``adamw`` optimizer are implemented.
+    - ``koleo_loss_weight`` (default 0): DINOv2's KoLeo regulariser on the student [CLS], an
+      option that iBOT does not have (see ``IBOT``).
     """
 
     # Model
@@ -50,6 +52,7 @@ class PretrainConfig:
     pred_start_epoch: int = 0
     lambda1: float = 1.0
     lambda2: float = 1.0
+    koleo_loss_weight: float = 0.0  # DINOv2's KoLeo on the student [CLS]; not in iBOT (0 = official)
     # Temperatures
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
@@ -377,6 +380,7 @@ def _build_pretrainer(config, steps_per_epoch, jit_compile, seed):
         steps_per_epoch=steps_per_epoch,
         momentum_teacher=config.momentum_teacher,
         max_masked_patches=config.max_masked_patches,
+        koleo_loss_weight=config.koleo_loss_weight,
         name="ibot",
     )
     optimizer = IBOTAdamW(

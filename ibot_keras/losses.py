@@ -1,4 +1,5 @@
-"""The iBOT loss: [CLS] self-distillation across views + masked patch self-distillation."""
+"""The iBOT loss: [CLS] self-distillation across views + masked patch self-distillation; and
+``koleo_loss``, DINOv2's optional spreading regulariser (not part of iBOT)."""
 
 import keras
 import numpy as np
@@ -6,6 +7,20 @@ from keras import ops
 
 from ibot_keras import backend_specific
 from ibot_keras.schedules import teacher_temperature_schedule
+
+
+def koleo_loss(features, eps=1e-8):
+    """Kozachenko-Leonenko entropy term (DINOv2's KoLeo): ``-mean_i log d_i``, where ``d_i``
+    is the distance from row ``i`` of the L2-normalised ``features`` ``(B, D)`` to its
+    nearest other row. Falls as the rows spread over the sphere. ``B >= 2``."""
+    if features.shape[0] is not None and features.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs at least 2 rows (a nearest neighbour), got {features.shape[0]}.")
+    x = ops.cast(features, "float32")
+    x = x / ops.maximum(ops.sqrt(ops.sum(x * x, axis=-1, keepdims=True)), eps)
+    similarity = ops.matmul(x, ops.transpose(x)) - 3.0 * ops.eye(ops.shape(x)[0])  # never pick itself
+    nearest = ops.take(x, ops.argmax(similarity, axis=-1), axis=0)
+    distance = ops.sqrt(ops.sum(ops.square(x - nearest), axis=-1))
+    return -ops.mean(ops.log(distance + eps))
 
 
 @keras.saving.register_keras_serializable(package="ibot_keras")

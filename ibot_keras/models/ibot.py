@@ -5,7 +5,7 @@ from keras import ops
 
 from ibot_keras import backend_specific
 from ibot_keras.backend_specific import PostOptimizerStep
-from ibot_keras.losses import IBOTLoss
+from ibot_keras.losses import IBOTLoss, koleo_loss
 from ibot_keras.metrics import LastValue
 from ibot_keras.models.head import IBOTHead
 from ibot_keras.models.vit import VisionTransformer
@@ -46,6 +46,12 @@ class IBOT(PostOptimizerStep, keras.Model):
     logits at that many positions instead of all (see ``call``). A batch with more masked
     patches loses the excess from the patch loss and counts it in the ``masked_dropped``
     metric. ``None`` computes all positions.
+
+    ``koleo_loss_weight`` (default 0, as iBOT): adds that times DINOv2's KoLeo term
+    (``ibot_keras.losses.koleo_loss``) on the student's final-norm [CLS] of each global crop,
+    averaged over the crops, and logs it as ``koleo``. Under data parallelism on TensorFlow and
+    torch the nearest neighbours are searched within each replica's shard (as DINOv2 does per
+    GPU); on JAX within the global batch.
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         steps_per_epoch,
         momentum_teacher=0.996,
         max_masked_patches=None,
+        koleo_loss_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -76,6 +83,9 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.steps_per_epoch = int(steps_per_epoch)
         self.momentum_teacher = float(momentum_teacher)
         self.max_masked_patches = None if max_masked_patches is None else max(1, int(max_masked_patches))
+        self.koleo_loss_weight = float(koleo_loss_weight)
+        if self.koleo_loss_weight < 0:
+            raise ValueError(f"koleo_loss_weight must be >= 0, got {koleo_loss_weight}.")
         self.epochs = ibot_loss.epochs
         self.num_global_crops = ibot_loss.num_global_crops
         self.num_local_crops = ibot_loss.num_local_crops
@@ -113,6 +123,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.prototype_usage_tracker = keras.metrics.Mean(name="prototype_usage")
         # Masked positions beyond max_masked_patches (their patch loss is lost): must stay 0.
         self.masked_dropped_tracker = keras.metrics.Sum(name="masked_dropped")
+        self.koleo_tracker = keras.metrics.Mean(name="koleo")
         self._ema_pairs = self._pair_teacher_with_student()
         self.copy_student_to_teacher()
         self.built = True
@@ -339,6 +350,8 @@ class IBOT(PostOptimizerStep, keras.Model):
             teacher_patch=ops.stop_gradient(ops.reshape(teacher_patch, (batch, ng, positions, -1))),
             masks=ops.reshape(loss_masks, (batch, ng, positions)),
         )
+        if self.koleo_loss_weight:
+            outputs["student_cls_features"] = ops.reshape(student_tokens[:, 0], (batch, ng, -1))
         if nl:
             _, _, lh, lw, _ = local_crops.shape
             local_tokens = self.student_backbone(
@@ -400,9 +413,15 @@ class IBOT(PostOptimizerStep, keras.Model):
             wd = getattr(inner, "weight_decay_value", getattr(inner, "weight_decay", None))
             if wd is not None:
                 self.wd_tracker.update_state(_schedule_value(wd, step))
+        loss = out["loss"]
+        if self.koleo_loss_weight:
+            features = y_pred["student_cls_features"]
+            koleo = sum(koleo_loss(features[:, crop]) for crop in range(features.shape[1])) / features.shape[1]
+            self.koleo_tracker.update_state(metric(koleo))
+            loss = loss + self.koleo_loss_weight * koleo
         # The global-batch mean loss; under data parallelism, scaled so that the gradients are
         # those of the global batch (not the replica count times them).
-        return backend_specific.replica_loss(out["loss"])
+        return backend_specific.replica_loss(loss)
 
     def _update_collapse_diagnostics(self, teacher_cls, temp):
         """Teacher CLS distribution statistics (nats), with the centers the loss uses:
@@ -481,6 +500,8 @@ class IBOT(PostOptimizerStep, keras.Model):
             hidden += [self.lr_tracker, self.wd_tracker]
         if self.max_masked_patches is None:
             hidden.append(self.masked_dropped_tracker)
+        if not self.koleo_loss_weight:
+            hidden.append(self.koleo_tracker)
         return [m for m in super().metrics if all(m is not h for h in hidden)]
 
     # -- serialization ------------------------------------------------------------------------
@@ -496,5 +517,6 @@ class IBOT(PostOptimizerStep, keras.Model):
             steps_per_epoch=self.steps_per_epoch,
             momentum_teacher=self.momentum_teacher,
             max_masked_patches=self.max_masked_patches,
+            koleo_loss_weight=self.koleo_loss_weight,
         )
         return config
