@@ -3,7 +3,7 @@ NumPy and a closed form, and its wiring into the training step."""
 
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import to_numpy, value_and_grad
 from keras import ops
 from test_model import tiny_batch, tiny_config
 
@@ -31,6 +31,15 @@ def test_koleo_of_orthogonal_rows_is_minus_log_sqrt2():
     # Orthonormal rows are all sqrt(2) apart, whatever their scale.
     x = np.eye(4, dtype="float32") * np.array([[1.0], [2.0], [0.5], [3.0]], "float32")
     assert float(to_numpy(koleo_loss(ops.convert_to_tensor(x)))) == pytest.approx(-np.log(np.sqrt(2.0)), abs=TOL)
+
+
+def test_koleo_gradient_is_finite_for_duplicate_rows():
+    # Two equal rows are each other's nearest neighbour at distance 0: large but finite loss,
+    # and no NaN gradient (d sqrt / d u at u = 0 would be infinite).
+    x = np.random.default_rng(1).standard_normal((4, 3)).astype("float32")
+    x[1] = x[0]
+    value, (grad,) = value_and_grad(koleo_loss, x)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
 def test_koleo_needs_two_rows():

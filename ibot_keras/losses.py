@@ -19,7 +19,8 @@ def koleo_loss(features, eps=1e-8):
     x = x / ops.maximum(ops.sqrt(ops.sum(x * x, axis=-1, keepdims=True)), eps)
     similarity = ops.matmul(x, ops.transpose(x)) - 3.0 * ops.eye(ops.shape(x)[0])  # never pick itself
     nearest = ops.take(x, ops.argmax(similarity, axis=-1), axis=0)
-    distance = ops.sqrt(ops.sum(ops.square(x - nearest), axis=-1))
+    # eps**2 under the root: identical rows (duplicates in a batch) get a finite gradient.
+    distance = ops.sqrt(ops.sum(ops.square(x - nearest), axis=-1) + eps * eps)
     return -ops.mean(ops.log(distance + eps))
 
 
