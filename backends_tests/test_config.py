@@ -74,6 +74,8 @@ def test_from_json_and_round_trip(tmp_path):
         (dict(shared_head=False, patch_out_dim=4096), "issue #4"),
         (dict(global_crop_size=100), "global_crop_size=100 is not a multiple of patch_size=16"),
         (dict(epochs=20), "epochs=20 must be at least warmup_teacher_temp_epochs"),
+        (dict(solarize_p=1.2), "solarize_p must be a probability"),
+        (dict(blur_radius=(1.0,)), "blur_radius must be"),
     ],
 )
 def test_bad_settings_raise(kwargs, message):
@@ -84,3 +86,23 @@ def test_bad_settings_raise(kwargs, message):
 def test_deit_alias_and_booleans_from_strings():
     config = PretrainConfig.from_dict({"arch": "deit_small", "norm_last_layer": "False", "epochs": "40"})
     assert config.arch == "vit_small" and config.norm_last_layer is False and config.epochs == 40
+
+
+def test_view_knobs_default_to_the_official_recipe_and_reach_the_example():
+    import importlib.util
+    import os
+
+    config = PretrainConfig()
+    # DataAugmentationiBOT: flip 0.5, jitter 0.8, grayscale 0.2, solarize 0.2, blur sigma (0.1, 2).
+    assert (config.flip_p, config.color_jitter_p, config.grayscale_p, config.solarize_p) == (0.5, 0.8, 0.2, 0.2)
+    assert config.blur_radius == (0.1, 2.0)
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "pretrain.py")
+    spec = importlib.util.spec_from_file_location("pretrain_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    changed = PretrainConfig(flip_p=0.0, color_jitter_p=0.1, grayscale_p=0.3, solarize_p=0.4, blur_radius=[0.0, 0.5])
+    aug = example.make_augmentation(changed)
+    assert (aug.flip_p, aug.jitter_p, aug.grayscale_p, aug.solarize_p, aug.blur_radius) == (0.0, 0.1, 0.3, 0.4, (0.0, 0.5))
+    assert aug.crop_recipe(1) == (0.1, 0.4) and aug.crop_recipe(0) == (1.0, 0.0)
+    args = example.parser().parse_args(["--blur_radius", "0", "0.5", "--flip_p", "0"])
+    assert example.make_config(args, 1).blur_radius == (0.0, 0.5) and example.make_config(args, 1).flip_p == 0.0

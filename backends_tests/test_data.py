@@ -51,6 +51,41 @@ def test_decision_probabilities_follow_the_official_recipe():
             assert abs(rates[key] - p) <= tol, (key, rates[key], p)
 
 
+def test_view_knobs_set_the_rates():
+    aug = MultiCropAugmentation(
+        2, 1, global_crop_size=16, local_crop_size=8, flip_p=0.0, jitter_p=0.3, grayscale_p=1.0, solarize_p=0.6
+    )
+    first, second, local = decision_rates(aug)
+    tol = 4 * np.sqrt(0.25 / 1500)
+    for rates in (first, second, local):
+        assert rates["flip"] == 0.0 and rates["grayscale"] == 1.0
+        assert abs(rates["jitter"] - 0.3) <= tol
+    # Solarisation stays off on the first global crop and on local crops, as in the recipe.
+    assert first["solarize"] == 0.0 and local["solarize"] == 0.0 and abs(second["solarize"] - 0.6) <= tol
+    # Blur probabilities are the recipe's, whatever the knobs.
+    assert first["blur"] == 1.0 and abs(second["blur"] - 0.1) <= tol and abs(local["blur"] - 0.5) <= tol
+
+
+def test_blur_radius_range_is_used():
+    image = Image.fromarray(photo(size=16))
+    aug = MultiCropAugmentation(1, 0, global_crop_size=16, blur_radius=(0.0, 0.0), jitter_p=0.0, flip_p=0.0, grayscale_p=0.0)
+    sharp = MultiCropAugmentation(1, 0, global_crop_size=16, jitter_p=0.0, flip_p=0.0, grayscale_p=0.0)
+    plain = sharp.crop(image, 16, (1.0, 1.0), 0.0, 0.0, np.random.default_rng(0))
+    zero_radius = aug.crop(image, 16, (1.0, 1.0), 1.0, 0.0, np.random.default_rng(0))
+    blurred = sharp.crop(image, 16, (1.0, 1.0), 1.0, 0.0, np.random.default_rng(0))
+    np.testing.assert_allclose(zero_radius, plain, atol=1e-6)  # radius 0 leaves the crop unchanged
+    assert np.abs(blurred - plain).mean() > 0.05  # the official radius U(0.1, 2) visibly blurs 16 px
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(flip_p=1.5), "flip_p"), (dict(solarize_p=-0.1), "solarize_p"), (dict(blur_radius=(2.0, 1.0)), "blur_radius")],
+)
+def test_bad_view_knobs_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiCropAugmentation(2, 0, **kwargs)
+
+
 @pytest.mark.parametrize("scale", [(0.14, 1.0), (0.05, 0.4)])
 def test_crop_area_fraction_within_scale(scale):
     rng = np.random.default_rng(1)

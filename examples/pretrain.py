@@ -111,11 +111,13 @@ def load_source(args):
 
 
 def make_augmentation(config):
-    """The config's multi-crop recipe (official probabilities, the config's crop numbers, scales
-    and sizes)."""
+    """The config's multi-crop recipe: crop numbers, scales and sizes, and the view knobs
+    (official rates unless changed)."""
     return MultiCropAugmentation(
         config.global_crops_number, config.local_crops_number, config.global_crops_scale,
         config.local_crops_scale, config.global_crop_size, config.local_crop_size,
+        blur_radius=config.blur_radius, flip_p=config.flip_p, jitter_p=config.color_jitter_p,
+        grayscale_p=config.grayscale_p, solarize_p=config.solarize_p,
     )
 
 

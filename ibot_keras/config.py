@@ -31,6 +31,9 @@ class PretrainConfig:
     - Only ViTs (no Swin) and the ``adamw`` optimizer are implemented.
     - ``koleo_loss_weight`` (default 0): DINOv2's KoLeo regulariser on the student [CLS], an
       option that iBOT does not have (see ``IBOT``).
+    - View-recipe knobs, default the official recipe: ``flip_p``, ``color_jitter_p``,
+      ``grayscale_p``, ``solarize_p`` (second and later global crops) and ``blur_radius``
+      (pixels; official (0.1, 2.0), meant for 224/96-px crops). See ``MultiCropAugmentation``.
     """
 
     # Model
@@ -77,6 +80,12 @@ class PretrainConfig:
     global_crops_scale: Tuple[float, float] = (0.14, 1.0)
     local_crops_number: int = 0
     local_crops_scale: Tuple[float, float] = (0.05, 0.4)
+    # View recipe (not official flags; defaults are the official DataAugmentationiBOT)
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    solarize_p: float = 0.2
+    blur_radius: Tuple[float, float] = (0.1, 2.0)
     # Misc
     data_path: Optional[str] = None
     output_dir: str = "."
@@ -105,8 +114,13 @@ class PretrainConfig:
             if isinstance(value, (list, tuple)):
                 value = tuple(float(v) for v in value)
                 setattr(self, name, value[0] if len(value) == 1 else value)
-        for name in ("global_crops_scale", "local_crops_scale"):
+        for name in ("global_crops_scale", "local_crops_scale", "blur_radius"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1]; got {getattr(self, name)}.")
+        if len(self.blur_radius) != 2 or not 0 <= self.blur_radius[0] <= self.blur_radius[1]:
+            raise ValueError(f"blur_radius must be (min, max) with 0 <= min <= max; got {self.blur_radius}.")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1.")
         for name in ("image_size", "global_crop_size", "local_crop_size"):

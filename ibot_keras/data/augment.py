@@ -73,12 +73,13 @@ class MultiCropAugmentation:
     (radius U(0.1, 2)) p=1.0. Other global crops: blur p=0.1 and solarisation p=0.2.
     Local crops: ``local_crop_size``, ``local_crops_scale``, blur p=0.5, no solarisation.
     ``blur_radius`` (pixels) is the official (0.1, 2.0) unless given.
+
+    ``flip_p``, ``jitter_p``, ``grayscale_p`` and ``solarize_p`` (the solarisation rate of the
+    second and later global crops) default to the official rates; lower them for data where
+    these views change the meaning (a flipped or inverted digit is another glyph).
     """
 
-    flip_p = 0.5
-    jitter_p = 0.8
     jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    grayscale_p = 0.2
     solarize_threshold = 128
 
     def __init__(
@@ -92,6 +93,10 @@ class MultiCropAugmentation:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         blur_radius=(0.1, 2.0),
+        flip_p=0.5,
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        solarize_p=0.2,
     ):
         if global_crops_number < 1:
             raise ValueError("global_crops_number must be >= 1.")
@@ -109,13 +114,22 @@ class MultiCropAugmentation:
         # Official radius range in pixels, meant for 224/96-px crops; scale it down for tiny
         # crops, where a 2-px blur erases the content.
         self.blur_radius = tuple(float(r) for r in blur_radius)
+        if len(self.blur_radius) != 2 or not 0 <= self.blur_radius[0] <= self.blur_radius[1]:
+            raise ValueError(f"blur_radius must be (min, max) with 0 <= min <= max; got {blur_radius}.")
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("solarize_p", solarize_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1]; got {p}.")
+        self.flip_p = float(flip_p)
+        self.jitter_p = float(jitter_p)
+        self.grayscale_p = float(grayscale_p)
+        self.solarize_p = float(solarize_p)
 
     # probabilities per crop kind: (blur, solarize)
     def crop_recipe(self, index):
         """``(blur_p, solarize_p)`` of global crop ``index`` (``None``: a local crop)."""
         if index is None:
             return 0.5, 0.0
-        return (1.0, 0.0) if index == 0 else (0.1, 0.2)
+        return (1.0, 0.0) if index == 0 else (0.1, self.solarize_p)
 
     def _color(self, image, rng, log):
         if rng.random() < self.flip_p:
