@@ -186,14 +186,17 @@ def _load_backbone(vit, state, strict, interpolate_pos_embed):
     return report
 
 
-def load_official(model, source, *, part="teacher", strict=True, interpolate_pos_embed=True):
+def load_official(model, source, *, part="teacher", strict=True, interpolate_pos_embed=True, optimizer=False):
     """Load official-named weights into an ``IBOT`` model or a ``VisionTransformer``.
 
     ``source``: a path (``.pth`` needs torch, ``.npz``, ``.safetensors``; any backend) or an
     already-loaded dict.
     For ``IBOT``: an official training checkpoint ``{"student": {...}, "teacher": {...}}``
     (``MultiCropWrapper`` state dicts, ``module.`` prefixes allowed) and optionally
-    ``"ibot_loss": {"center": (1, K), "center2": (1, 1, Kp)}``.
+    ``"ibot_loss": {"center": (1, K), "center2": (1, 1, Kp)}``. ``optimizer=True`` also loads
+    the checkpoint's ``"optimizer"`` (the official AdamW state) and sets the step counters from
+    its ``"epoch"``, to continue an official run exactly (``load_official_optimizer``; then
+    ``fit(..., initial_epoch=report.epoch)``).
     For a ``VisionTransformer``: any state accepted by ``select_backbone_state`` (``part``
     picks ``teacher`` or ``student`` of a training checkpoint). A ``pos_embed`` trained at
     another resolution is resized to the model's ``image_size`` the official way
@@ -234,6 +237,10 @@ def load_official(model, source, *, part="teacher", strict=True, interpolate_pos
                 ),
                 "ibot_loss.",
             )
+        if optimizer:
+            if not isinstance(source.get("optimizer"), dict):
+                raise ValueError(f"optimizer=True, but the checkpoint has no 'optimizer' state (keys: {sorted(source)}).")
+            load_official_optimizer(model, source["optimizer"], epoch=epoch)
         return report
     if isinstance(model, VisionTransformer):
         state, ignored = select_backbone_state(source, part)
@@ -243,20 +250,144 @@ def load_official(model, source, *, part="teacher", strict=True, interpolate_pos
     raise TypeError(f"load_official expects an IBOT model or a VisionTransformer, got {type(model).__name__}.")
 
 
-def export_official(model, include_mask_token=True):
+def official_param_groups(model):
+    """The student tensors in the order of the official optimizer, ``[(name, variable, layout)]``.
+
+    ``utils.get_params_groups(student)`` walks ``named_parameters()``, skips frozen tensors
+    and puts biases and 1-D tensors into group 1 (no weight decay), the rest into group 0;
+    ``optimizer.state_dict()`` numbers the tensors group 0 first. Position ``i`` here is
+    parameter id ``i`` there.
+    """
+    decayed, plain = _official_groups(model)
+    return decayed + plain
+
+
+def _official_groups(model):
+    """``(group 0, group 1)`` of ``official_param_groups``."""
+    trainable = [(n, v, l) for n, v, l in model.student_weights() if v.trainable]
+
+    def decayed(entry):
+        name, variable, _ = entry
+        return not name.endswith(".bias") and len(variable.shape) > 1  # ndim is the same in any layout
+
+    return [w for w in trainable if decayed(w)], [w for w in trainable if not decayed(w)]
+
+
+def _adamw(model):
+    from ibot_keras.optimizers import IBOTAdamW
+
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # LossScaleOptimizer
+    if not isinstance(optimizer, IBOTAdamW):
+        raise ValueError("The model has no IBOTAdamW optimizer: compile it (build_pretrainer does) first.")
+    if not optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def export_official_optimizer(model):
+    """The model's ``IBOTAdamW`` state as the official ``optimizer.state_dict()`` of
+    ``torch.optim.AdamW(get_params_groups(student))``: ``{"state": {id: {"step", "exp_avg",
+    "exp_avg_sq"}}, "param_groups": [...]}`` with NumPy arrays in the official layouts.
+    Tensors never stepped have no ``state`` entry, as in PyTorch."""
+    optimizer = _adamw(model)
+    decayed_group, plain_group = _official_groups(model)
+    groups, decayed = decayed_group + plain_group, len(decayed_group)
+    state = {}
+    for index, (_, variable, layout) in enumerate(groups):
+        slot = optimizer._get_variable_index(variable)
+        count = float(keras.ops.convert_to_numpy(optimizer._step_counts[slot]))
+        if count > 0:
+            state[index] = {
+                "step": np.asarray(count, np.float32),  # a 0-d tensor in torch >= 1.12
+                "exp_avg": to_official_layout(keras.ops.convert_to_numpy(optimizer._momentums[slot]), layout),
+                "exp_avg_sq": to_official_layout(keras.ops.convert_to_numpy(optimizer._velocities[slot]), layout),
+            }
+    lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    wd = float(keras.ops.convert_to_numpy(optimizer.current_weight_decay()))
+    common = dict(betas=(optimizer.beta_1, optimizer.beta_2), eps=optimizer.epsilon, amsgrad=False,
+                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    return {
+        "state": state,
+        "param_groups": [
+            dict(common, lr=lr, weight_decay=wd, params=list(range(decayed))),
+            dict(common, lr=lr, weight_decay=0.0, params=list(range(decayed, len(groups)))),
+        ],
+    }
+
+
+def load_official_optimizer(model, optimizer_state, epoch=None):
+    """Assign an official AdamW ``optimizer.state_dict()`` (see ``export_official_optimizer``)
+    to the model's ``IBOTAdamW``: ``exp_avg`` -> momentum, ``exp_avg_sq`` -> velocity, ``step``
+    -> the tensor's own step count; tensors without a ``state`` entry start from zero.
+
+    ``epoch`` (completed epochs, what official checkpoints store) also sets the step counters
+    (``optimizer.iterations`` and ``model.step``) to ``epoch * steps_per_epoch``, so the
+    schedules continue where the official run stopped; pass ``initial_epoch=epoch`` to ``fit``.
+    The lr and weight decay in ``param_groups`` are not read: they come from the schedules.
+    Raises ``ValueError`` when the groups do not match this model (listing the differences).
+    """
+    optimizer = _adamw(model)
+    decayed_group, plain_group = _official_groups(model)
+    groups, decayed = decayed_group + plain_group, len(decayed_group)
+    param_groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+    if not isinstance(param_groups, (list, tuple)) or len(param_groups) != 2:
+        raise ValueError(
+            "Expected the official AdamW state_dict with 2 param_groups (get_params_groups: "
+            f"decayed, then biases and 1-D tensors); got {type(optimizer_state).__name__} with "
+            f"{len(param_groups) if isinstance(param_groups, (list, tuple)) else 'no'} param_groups."
+        )
+    ids = [list(int(i) for i in np.asarray(group["params"]).reshape(-1)) for group in param_groups]
+    if [len(i) for i in ids] != [decayed, len(groups) - decayed]:
+        raise ValueError(
+            f"The optimizer state has {len(ids[0])} + {len(ids[1])} tensors in its two groups; this "
+            f"model's student has {decayed} + {len(groups) - decayed} trainable tensors. Is it the same "
+            "architecture, with the same norm_last_layer?"
+        )
+    state = optimizer_state.get("state", {})
+    state = {int(key): value for key, value in state.items()}
+    updates, mismatched = [], []
+    for (name, variable, layout), param_id in zip(groups, ids[0] + ids[1]):
+        entry = state.get(param_id)
+        slot = optimizer._get_variable_index(variable)
+        if entry is None:
+            zeros = np.zeros(variable.shape, "float32")
+            updates.append((slot, zeros, zeros, 0.0))
+            continue
+        m = from_official_layout(_to_numpy(entry["exp_avg"]), layout)
+        v = from_official_layout(_to_numpy(entry["exp_avg_sq"]), layout)
+        if tuple(m.shape) != tuple(variable.shape) or tuple(v.shape) != tuple(variable.shape):
+            expected = to_official_layout(np.zeros(variable.shape), layout).shape
+            mismatched.append(f"{name}: checkpoint {tuple(_to_numpy(entry['exp_avg']).shape)}, expected {tuple(expected)}")
+            continue
+        updates.append((slot, m, v, float(_to_numpy(entry["step"]))))
+    if mismatched:
+        raise ValueError("The optimizer state does not match the model. Shape mismatches: " + "; ".join(mismatched))
+    for slot, m, v, count in updates:
+        optimizer._momentums[slot].assign(m.astype("float32"))
+        optimizer._velocities[slot].assign(v.astype("float32"))
+        optimizer._step_counts[slot].assign(count)
+    if epoch is not None:
+        step = int(epoch) * model.steps_per_epoch
+        optimizer.iterations.assign(step)
+        model.step.assign(step)
+
+
+def export_official(model, include_mask_token=True, optimizer=False, epoch=None):
     """The inverse of ``load_official``: NumPy arrays under official names and layouts.
 
     ``IBOT`` -> ``{"student": ..., "teacher": ..., "ibot_loss": {"center", "center2"}}`` with the
     shared-head ``last_layer2.*`` aliases listed as the official ``state_dict()`` does;
     ``VisionTransformer`` -> a backbone state dict, which timm's ``VisionTransformer`` and the
     official ViT accept in ``load_state_dict`` (``include_mask_token=False`` leaves out the
-    iBOT-only ``masked_embed``, for timm's ``strict=True``).
+    iBOT-only ``masked_embed``, for timm's ``strict=True``). For ``IBOT``, ``optimizer=True``
+    adds ``"optimizer"`` (``export_official_optimizer``; only ``.pth`` files can hold it) and
+    ``epoch`` adds ``"epoch"`` (completed epochs, as official checkpoints count).
     """
     from ibot_keras.models.ibot import IBOT
     from ibot_keras.models.vit import VisionTransformer
 
     if isinstance(model, IBOT):
-        return {
+        state = {
             "student": export_state(model.student_weights(include_aliases=True)),
             "teacher": export_state(model.teacher_weights(include_aliases=True)),
             "ibot_loss": {
@@ -264,6 +395,11 @@ def export_official(model, include_mask_token=True):
                 "center2": keras.ops.convert_to_numpy(model.ibot_loss.patch_center),
             },
         }
+        if optimizer:
+            state["optimizer"] = export_official_optimizer(model)
+        if epoch is not None:
+            state["epoch"] = int(epoch)
+        return state
     if isinstance(model, VisionTransformer):
         state = export_state(model.official_weights())
         if not include_mask_token:
@@ -272,9 +408,13 @@ def export_official(model, include_mask_token=True):
     raise TypeError(f"export_official expects an IBOT model or a VisionTransformer, got {type(model).__name__}.")
 
 
-def save_official(model, path, include_mask_token=True):
-    """``export_official(model)`` written to ``path`` (``.pth``, ``.npz`` or ``.safetensors``)."""
-    return write_state(export_official(model, include_mask_token=include_mask_token), path)
+def save_official(model, path, include_mask_token=True, optimizer=False, epoch=None):
+    """``export_official(model, ...)`` written to ``path`` (``.pth``, ``.npz`` or
+    ``.safetensors``; an optimizer state needs ``.pth``)."""
+    if optimizer and not str(path).endswith(".pth"):
+        raise ValueError(f"An optimizer state can only be saved to a .pth file (the official format); got '{path}'.")
+    state = export_official(model, include_mask_token=include_mask_token, optimizer=optimizer, epoch=epoch)
+    return write_state(state, path)
 
 
 # Official sizes by width, used when a state dict does not say its number of heads.
