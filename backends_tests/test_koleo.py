@@ -27,6 +27,13 @@ def test_koleo_matches_numpy():
     assert float(to_numpy(koleo_loss(ops.convert_to_tensor(x)))) == pytest.approx(numpy_koleo(x), abs=TOL)
 
 
+def test_koleo_over_sets_is_the_mean_of_the_per_set_terms():
+    # (crops, B, D): neighbours are searched within each crop's batch, never across crops.
+    x = np.random.default_rng(1).standard_normal((2, 6, 5)).astype("float32")
+    expected = (numpy_koleo(x[0]) + numpy_koleo(x[1])) / 2
+    assert float(to_numpy(koleo_loss(ops.convert_to_tensor(x)))) == pytest.approx(expected, abs=TOL)
+
+
 def test_koleo_of_orthogonal_rows_is_minus_log_sqrt2():
     # Orthonormal rows are all sqrt(2) apart, whatever their scale.
     x = np.eye(4, dtype="float32") * np.array([[1.0], [2.0], [0.5], [3.0]], "float32")

@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 
 import keras
 
+from ibot_keras.data.augment import check_view_recipe
 from ibot_keras.models.vit import VIT_SIZES
 
 _ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
@@ -116,11 +117,8 @@ class PretrainConfig:
                 setattr(self, name, value[0] if len(value) == 1 else value)
         for name in ("global_crops_scale", "local_crops_scale", "blur_radius"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
-        for name in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1]; got {getattr(self, name)}.")
-        if len(self.blur_radius) != 2 or not 0 <= self.blur_radius[0] <= self.blur_radius[1]:
-            raise ValueError(f"blur_radius must be (min, max) with 0 <= min <= max; got {self.blur_radius}.")
+        rates = {name: getattr(self, name) for name in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p")}
+        check_view_recipe(rates, self.blur_radius)
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1.")
         for name in ("image_size", "global_crop_size", "local_crop_size"):

@@ -12,13 +12,19 @@ from ibot_keras.schedules import teacher_temperature_schedule
 def koleo_loss(features, eps=1e-8):
     """Kozachenko-Leonenko entropy term (DINOv2's KoLeo): ``-mean_i log d_i``, where ``d_i``
     is the distance from row ``i`` of the L2-normalised ``features`` ``(B, D)`` to its
-    nearest other row. Falls as the rows spread over the sphere. ``B >= 2``."""
-    if features.shape[0] is not None and features.shape[0] < 2:
-        raise ValueError(f"koleo_loss needs at least 2 rows (a nearest neighbour), got {features.shape[0]}.")
+    nearest other row. Falls as the rows spread over the sphere. ``B >= 2``.
+
+    ``(..., B, D)``: one term per leading index (neighbours searched within each ``(B, D)``
+    set, e.g. per crop), averaged.
+    """
+    if features.shape[-2] is not None and features.shape[-2] < 2:
+        raise ValueError(f"koleo_loss needs at least 2 rows (a nearest neighbour), got {features.shape[-2]}.")
     x = ops.cast(features, "float32")
     x = x / ops.maximum(ops.sqrt(ops.sum(x * x, axis=-1, keepdims=True)), eps)
-    similarity = ops.matmul(x, ops.transpose(x)) - 3.0 * ops.eye(ops.shape(x)[0])  # never pick itself
-    nearest = ops.take(x, ops.argmax(similarity, axis=-1), axis=0)
+    rows = ops.shape(x)[-2]
+    similarity = ops.matmul(x, ops.swapaxes(x, -1, -2)) - 3.0 * ops.eye(rows)  # never pick itself
+    nearest_index = ops.expand_dims(ops.argmax(similarity, axis=-1), -1)
+    nearest = ops.take_along_axis(x, nearest_index, axis=-2)
     # eps**2 under the root: identical rows (duplicates in a batch) get a finite gradient.
     distance = ops.sqrt(ops.sum(ops.square(x - nearest), axis=-1) + eps * eps)
     return -ops.mean(ops.log(distance + eps))

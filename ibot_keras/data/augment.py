@@ -56,6 +56,16 @@ def random_resized_crop_box(width, height, scale, rng, ratio=(3 / 4, 4 / 3)):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def check_view_recipe(rates, blur_radius):
+    """Raise ``ValueError`` unless every ``rates`` value (``{name: rate}``) is a probability and
+    ``blur_radius`` is ``(min, max)`` with ``0 <= min <= max``."""
+    for name, p in rates.items():
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1]; got {p}.")
+    if len(blur_radius) != 2 or not 0 <= blur_radius[0] <= blur_radius[1]:
+        raise ValueError(f"blur_radius must be (min, max) with 0 <= min <= max; got {blur_radius}.")
+
+
 def _adjust_hue(image, factor):
     hsv = np.array(image.convert("HSV"))
     hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(factor * 255))) % 256
@@ -114,11 +124,9 @@ class MultiCropAugmentation:
         # Official radius range in pixels, meant for 224/96-px crops; scale it down for tiny
         # crops, where a 2-px blur erases the content.
         self.blur_radius = tuple(float(r) for r in blur_radius)
-        if len(self.blur_radius) != 2 or not 0 <= self.blur_radius[0] <= self.blur_radius[1]:
-            raise ValueError(f"blur_radius must be (min, max) with 0 <= min <= max; got {blur_radius}.")
-        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("solarize_p", solarize_p)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1]; got {p}.")
+        check_view_recipe(
+            dict(flip_p=flip_p, jitter_p=jitter_p, grayscale_p=grayscale_p, solarize_p=solarize_p), self.blur_radius
+        )
         self.flip_p = float(flip_p)
         self.jitter_p = float(jitter_p)
         self.grayscale_p = float(grayscale_p)

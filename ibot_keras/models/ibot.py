@@ -415,8 +415,7 @@ class IBOT(PostOptimizerStep, keras.Model):
                 self.wd_tracker.update_state(_schedule_value(wd, step))
         loss = out["loss"]
         if self.koleo_loss_weight:
-            features = y_pred["student_cls_features"]
-            koleo = sum(koleo_loss(features[:, crop]) for crop in range(features.shape[1])) / features.shape[1]
+            koleo = koleo_loss(ops.swapaxes(y_pred["student_cls_features"], 0, 1))  # per crop, averaged
             self.koleo_tracker.update_state(metric(koleo))
             loss = loss + self.koleo_loss_weight * koleo
         # The global-batch mean loss; under data parallelism, scaled so that the gradients are
