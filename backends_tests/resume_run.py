@@ -1,6 +1,8 @@
-"""A small deterministic training run that checkpoints every epoch and resumes from its
-output folder: ``python resume_run.py OUT_DIR``. With ``HANG_AT=<epoch>`` it prints READY and
-hangs in that epoch's second batch, to be killed by the test."""
+"""A small deterministic training run on a 2-worker ``Pipeline`` that checkpoints every epoch
+and every ``SAVE_STEPS`` steps and resumes from its output folder: ``python resume_run.py
+OUT_DIR``. It prints ``BATCH <epoch> <batch> <loss> <cls> <patch>`` after every step. With
+``HANG_AT=<step>`` (global, 1-based: after that many steps) it prints READY and hangs, to be
+killed by the test."""
 
 import os
 import sys
@@ -10,22 +12,25 @@ import keras
 import numpy as np
 
 import ibot_keras
-from ibot_keras.data import ArraySource, MultiCropAugmentation, MultiCropLoader
+from ibot_keras.data import ArraySource, build_pipeline
 from ibot_keras.resume import TrainingCheckpoint, restore_training_state
 
 EPOCHS = 3
 
 
-class HangAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
+class Probe(keras.callbacks.Callback):
+    """Per-step logs, and the hang; reads the model only through the logs (no state sync)."""
+
+    def __init__(self, steps, hang_at):
         super().__init__()
-        self.epoch = epoch
+        self.steps, self.hang_at = steps, hang_at
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.current == self.epoch and batch == 1:
+        print("BATCH", self.epoch, batch, repr(logs["loss"]), repr(logs["cls"]), repr(logs["patch"]), flush=True)
+        if self.hang_at and self.epoch * self.steps + batch + 1 == self.hang_at:
             print("READY", flush=True)
             time.sleep(600)
 
@@ -40,26 +45,15 @@ def main(out):
         pred_ratio_var=(0.0, 0.2), batch_size=6, epochs=EPOCHS, warmup_teacher_temp_epochs=1,
         warmup_epochs=1, lr=0.05, drop_path=float(os.environ.get("DP", "0.2")), seed=1,
     )
-    loader = MultiCropLoader(
-        ArraySource(images),
-        MultiCropAugmentation(2, 2, config.global_crops_scale, config.local_crops_scale, 16, 8),
-        ibot_keras.BlockMasking(config.pred_ratio, config.pred_ratio_var),
-        config.patch_size,
-        config.batch_size,
-        seed=config.seed,
-    )
-    model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(loader))
+    pipeline = build_pipeline(config, ArraySource(images), workers=int(os.environ.get("WORKERS", "2")))
+    model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(pipeline))
     initial_epoch = restore_training_state(model, out)
     callbacks = [
         keras.callbacks.CSVLogger(os.path.join(out, "log.csv"), append=True),
-        TrainingCheckpoint(out),
+        TrainingCheckpoint(out, save_steps=int(os.environ.get("SAVE_STEPS", "0"))),
+        Probe(len(pipeline), int(os.environ.get("HANG_AT", "0"))),
     ]
-    if os.environ.get("HANG_AT"):
-        callbacks.append(HangAt(int(os.environ["HANG_AT"])))
-    epochs = int(os.environ.get("STOP_AFTER", EPOCHS))
-    if os.environ.get("BATCH_LOG"):
-        callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: print("BATCH", batch, logs["loss"], logs["cls"], flush=True)))
-    model.fit(loader, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+    model.fit(pipeline, epochs=EPOCHS, callbacks=callbacks, verbose=0)
     print("DONE", initial_epoch, flush=True)
 
 

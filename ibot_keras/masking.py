@@ -6,6 +6,7 @@ this keeps them reproducible and identical across backends. The random stream is
 ``BlockMasking(seed=s)`` reproduces ``random.seed(s)`` runs of the official generator.
 """
 
+import copy
 import math
 import random
 
@@ -157,6 +158,17 @@ class BlockMasking:
         if self.pred_shape == "block":
             return self._block_mask(rows, cols, target)
         return self._random_mask(rows, cols, target)
+
+    def image_masks(self, num_crops, rows, cols, rng, epoch=None):
+        """``(num_crops, rows, cols)`` masks of one image from ``rng`` (a ``numpy.random.Generator``)
+        instead of the instance's stream: the masks depend only on ``rng`` and ``epoch`` (which
+        gates ``pred_start_epoch``; default the instance's), so worker order cannot change them.
+        The instance is left untouched."""
+        private = copy.copy(self)
+        private._random = random.Random(int(rng.integers(2**63)))
+        private._numpy = np.random.default_rng(int(rng.integers(2**63)))
+        private.epoch = self.epoch if epoch is None else int(epoch)
+        return np.stack([private(rows, cols) for _ in range(num_crops)])
 
     def batch(self, batch_size, num_crops, rows, cols):
         """``(batch_size, num_crops, rows, cols)`` masks, image by image, crop by crop."""

@@ -1,7 +1,8 @@
-"""Data: the official multi-crop recipe, image sources and the batch loader."""
+"""Data: the official multi-crop recipe, image sources and the training pipeline."""
 
 from ibot_keras.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
 from ibot_keras.data.loader import MultiCropLoader
+from ibot_keras.data.pipeline import Pipeline, augmentation_from_config, build_pipeline, masking_from_config
 from ibot_keras.data.sources import ArraySource, ImageFolderSource, IterableSource, load_digits
 
 __all__ = [
@@ -12,5 +13,9 @@ __all__ = [
     "IterableSource",
     "MultiCropAugmentation",
     "MultiCropLoader",
+    "Pipeline",
+    "augmentation_from_config",
+    "build_pipeline",
     "load_digits",
+    "masking_from_config",
 ]

@@ -1,7 +1,5 @@
-"""Batches of multi-crop views and block masks for ``IBOT.fit`` (a ``keras.utils.PyDataset``)."""
-
-import copy
-import random
+"""Batches of multi-crop views and block masks for ``IBOT.fit`` (a ``keras.utils.PyDataset``,
+one worker). ``ibot_keras.data.build_pipeline`` is the parallel, resumable-at-any-step route."""
 
 import keras
 import numpy as np
@@ -13,9 +11,12 @@ class MultiCropLoader(keras.utils.PyDataset):
     """Yields ``({"global_crops", "local_crops", "masks"},)`` batches.
 
     Every image's crops and masks are drawn from a generator seeded by
-    ``(seed, epoch, index in the epoch's order)``, so a batch depends only on those numbers:
-    the same seed gives the same batches, workers (threads) cannot change them, and
-    resuming at an epoch/step replays exactly. The epoch is set by ``set_epoch(e)``, as the
+    ``(seed, epoch, index in the epoch's order)``, so a batch depends only on those numbers
+    (the same ones ``build_pipeline``'s ``Pipeline`` makes) and resuming at an epoch replays
+    exactly. Keras 3.15's ``PyDataset`` enqueuer reorders, repeats and drops batches with
+    ``workers > 1`` (some batches of an epoch are consumed in the next one), so this loader
+    refuses ``workers > 1`` and ``use_multiprocessing``: use ``build_pipeline(config, source,
+    workers=N)``, whose worker processes keep the order. The epoch is set by ``set_epoch(e)``, as the
     official loop calls ``dataset.set_epoch``; ``IBOT.fit`` does it for you (it adds
     ``epoch_callback()``, which sets it before Keras starts fetching each epoch's batches).
 
@@ -51,6 +52,14 @@ class MultiCropLoader(keras.utils.PyDataset):
         mask_dtype="bool",
         **kwargs,
     ):
+        if kwargs.get("workers", 1) > 1 or kwargs.get("use_multiprocessing"):
+            raise ValueError(
+                f"MultiCropLoader(workers={kwargs.get('workers', 1)}, use_multiprocessing="
+                f"{kwargs.get('use_multiprocessing', False)}): Keras 3.15's PyDataset enqueuer reorders, "
+                "repeats and drops batches with more than one worker. For parallel augmentation use "
+                "ibot_keras.data.build_pipeline(config, source, workers=N) (worker processes, same "
+                "batches as one worker), or keep workers=1."
+            )
         super().__init__(**kwargs)
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1.")
@@ -107,11 +116,7 @@ class MultiCropLoader(keras.utils.PyDataset):
         index = int(self.order(epoch)[position])
         rng = np.random.default_rng([self.seed, epoch, position])
         globals_, locals_ = self.augmentation(self.source[index], rng)
-        masking = copy.copy(self.masking)  # a private stream: safe with worker threads
-        masking._random = random.Random(int(rng.integers(2**63)))
-        masking._numpy = np.random.default_rng(int(rng.integers(2**63)))
-        masking.set_epoch(epoch)
-        masks = np.stack([masking(self.grid, self.grid) for _ in globals_])
+        masks = self.masking.image_masks(len(globals_), self.grid, self.grid, rng, epoch)
         return globals_, locals_, masks
 
     def __getitem__(self, batch_index):

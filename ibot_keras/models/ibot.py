@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from ibot_keras import backend_specific
+from ibot_keras import backend_specific, resume
 from ibot_keras.backend_specific import PostOptimizerStep
 from ibot_keras.losses import IBOTLoss, koleo_loss
 from ibot_keras.metrics import LastValue
@@ -213,10 +213,19 @@ class IBOT(PostOptimizerStep, keras.Model):
         return [var for name, var, _ in self.student_weights() if "last_layer" in name]
 
     def fit(self, x=None, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``; a data source with ``epoch_callback()`` (``MultiCropLoader``)
-        gets its epoch set at the start of every epoch, as the official loop does, and keeps
-        its own per-epoch order (Keras would otherwise shuffle the batch order with a random
-        state that no checkpoint captures)."""
+        """``keras.Model.fit``.
+
+        On a ``Pipeline`` (``ibot_keras.data.build_pipeline``) training continues from
+        ``model.step``: batch ``model.step`` comes next, also after a restart from a mid-epoch
+        checkpoint (``ibot_keras.resume``); ``initial_epoch`` and ``steps_per_epoch`` follow
+        from the step and the pipeline. A data source with ``epoch_callback()``
+        (``MultiCropLoader``) gets its epoch set at the start of every epoch, as the official
+        loop does, and keeps its own per-epoch order (Keras would otherwise shuffle the batch
+        order with a random state that no checkpoint captures)."""
+        if hasattr(x, "stream") and hasattr(x, "total_steps"):
+            if args:
+                raise ValueError("fit(pipeline, ...) takes keyword arguments only (epochs=..., callbacks=...).")
+            return resume.fit_pipeline(self, x, super().fit, callbacks=callbacks, **kwargs)
         if hasattr(x, "epoch_callback"):
             callbacks = list(callbacks or []) + [x.epoch_callback()]
             kwargs["shuffle"] = False

@@ -1,0 +1,306 @@
+"""The training input pipeline: batches as a pure function of (seed, epoch, position), made in
+worker processes by grain, fed to ``IBOT.fit``.
+
+Batch ``step`` of the run (``epoch = step // steps_per_epoch``, ``position = step %
+steps_per_epoch``) holds the images at ``position * batch_size ...`` of the epoch's permutation
+(``numpy`` seeded by ``(seed, epoch)``), each augmented and masked from a generator seeded by
+``(seed, epoch, index in the epoch's order)``. Nothing else enters, so the number of workers,
+the number of data-parallel shards, a restart from a checkpoint or the backend cannot change a
+batch. grain (``mp_prefetch``) runs the augmentation in worker processes and hands the batches
+back in order; the workers import only NumPy, Pillow and grain (this module, the augmentation,
+the masking and the sources travel to them by value), not Keras or a backend.
+
+This module imports no Keras and no backend; grain is imported when a pipeline is built.
+"""
+
+import sys
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from ibot_keras.data.augment import MultiCropAugmentation
+from ibot_keras.data.sources import ArraySource, ImageFolderSource
+from ibot_keras.masking import BlockMasking
+
+# What reading an image can raise for a bad file: truncated or corrupt data, an unknown
+# format, a decompression bomb, a file that disappeared.
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _grain():
+    try:
+        import grain
+    except ImportError as error:
+        raise ImportError(
+            "The training pipeline needs grain (Python >= 3.11): pip install 'grain>=0.2.18,<0.3' "
+            "(it comes with pip install ibot-keras)."
+        ) from error
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        # grain reads absl flags; a script that did not parse them (not an absl app) would get
+        # UnparsedFlagAccessError. Their defaults are what we want.
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+def _ship_by_value():
+    """Let worker processes unpickle the pipeline without importing ``ibot_keras`` (whose
+    ``__init__`` imports Keras and the backend: 1.4-4 s and 0.3-0.7 GB per worker)."""
+    import cloudpickle
+
+    for name in ("ibot_keras.data.pipeline", "ibot_keras.data.augment", "ibot_keras.data.sources", "ibot_keras.masking"):
+        module = sys.modules[name]
+        if not getattr(module, "_shipped_by_value", False):
+            cloudpickle.register_pickle_by_value(module)
+            module._shipped_by_value = True
+
+
+def describe(source, index):
+    """How a warning names image ``index`` of ``source``: its path when it has one."""
+    paths = getattr(source, "paths", None)
+    return str(paths[index]) if paths is not None else f"image {index} of {type(source).__name__}"
+
+
+class BatchMaker:
+    """Makes batch ``step`` (a dict of NumPy arrays); runs in the worker processes.
+
+    A file that cannot be read is replaced by the next readable image of the source (index + 1,
+    + 2, ...; the same replacement on every run); ``"replaced"`` in the returned dict lists
+    ``(index, replacement, error)`` for the pipeline to count and report.
+    """
+
+    def __init__(self, source, augmentation, masking, grid, batch_size, steps_per_epoch, seed, shuffle,
+                 num_shards, shard_index, mask_dtype, max_replacements=16):
+        self.source = source
+        self.augmentation = augmentation
+        self.masking = masking
+        self.grid = grid
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_shards = num_shards
+        self.shard_index = shard_index
+        self.mask_dtype = mask_dtype
+        self.max_replacements = max_replacements
+
+    def order(self, epoch):
+        """The image order of ``epoch``: a permutation of the source indices."""
+        if not self.shuffle:
+            return np.arange(len(self.source))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+
+    def read(self, index, replaced):
+        """Image ``index``, or the next readable one (recorded in ``replaced``)."""
+        size = len(self.source)
+        first_error = None
+        for attempt in range(min(self.max_replacements, size - 1) + 1):
+            candidate = (index + attempt) % size
+            try:
+                image = self.source[candidate]
+            except READ_ERRORS as error:
+                first_error = first_error or f"{type(error).__name__}: {error}"
+                continue
+            if attempt:
+                replaced.append((index, candidate, first_error))
+            return image
+        raise OSError(
+            f"Could not read {describe(self.source, index)} ({first_error}) nor any of the next "
+            f"{attempt} images of the source; check the files."
+        )
+
+    def sample(self, epoch, position, order, replaced):
+        """Crops and masks of the image at ``position`` of the epoch's order."""
+        rng = np.random.default_rng([self.seed, epoch, position])
+        image = self.read(int(order[position]), replaced)
+        globals_, locals_ = self.augmentation(image, rng)
+        masks = self.masking.image_masks(len(globals_), self.grid, self.grid, rng, epoch)
+        return globals_, locals_, masks
+
+    def __call__(self, step):
+        step = int(step)
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        part = self.batch_size // self.num_shards
+        start = position * self.batch_size + self.shard_index * part
+        replaced = []
+        samples = [self.sample(epoch, p, order, replaced) for p in range(start, start + part)]
+        batch = {
+            "global_crops": np.stack([np.stack(g) for g, _, _ in samples]),
+            "masks": np.stack([m for _, _, m in samples]).astype(self.mask_dtype, copy=False),
+        }
+        if self.augmentation.local_crops_number:
+            batch["local_crops"] = np.stack([np.stack(l) for _, l, _ in samples])
+        batch["replaced"] = replaced
+        return batch
+
+
+class Pipeline:
+    """The batches of a whole training run, for ``IBOT.fit`` (build it with ``build_pipeline``).
+
+    ``model.fit(pipeline, epochs=...)`` trains on batch ``model.step``, ``model.step + 1``, ...:
+    a model restored from a checkpoint taken mid-epoch continues with the very batches an
+    uninterrupted run would have used (``ibot_keras.resume``).
+
+    Args:
+        source: ``ArraySource``, ``ImageFolderSource``, ``IterableSource`` or anything with
+            ``len`` and ``[]`` returning images (uint8 arrays or PIL images).
+        augmentation: a ``MultiCropAugmentation``.
+        masking: a ``BlockMasking`` (its settings; its own random stream is not used).
+        patch_size: to size the mask grids.
+        batch_size: the global batch (the last partial batch of an epoch is dropped, as
+            officially).
+        epochs: length of the run.
+        seed, shuffle: the per-epoch permutations.
+        workers: augmentation processes (0: in the training process).
+        num_shards, shard_index: data-parallel processes; each gets its contiguous
+            ``batch_size / num_shards`` part of every global batch, so the shards together are
+            exactly the one-process batches.
+        mask_dtype: dtype of the masks (``"uint8"`` under TensorFlow's ``MirroredStrategy``).
+        buffer: batches each worker prepares ahead.
+
+    ``batch(step)`` makes one batch in this process; ``dataset(start, stop)`` is the
+    ``grain.IterDataset`` of batches ``start .. stop - 1``; ``stream(start, stop)`` yields
+    them as ``(batch,)`` for Keras. Unreadable images met while training are replaced (see
+    ``BatchMaker``), counted in ``replaced_images`` (``{name: times}``) and named in one
+    warning each.
+    """
+
+    def __init__(self, source, augmentation, masking, patch_size, batch_size, epochs, seed=0, shuffle=True,
+                 workers=0, num_shards=1, shard_index=0, mask_dtype="bool", buffer=2):
+        if batch_size < 1 or epochs < 1:
+            raise ValueError(f"batch_size and epochs must be >= 1; got {batch_size} and {epochs}.")
+        if num_shards < 1 or not 0 <= shard_index < num_shards or batch_size % num_shards:
+            raise ValueError(
+                f"batch_size={batch_size} must split into num_shards={num_shards} equal parts and "
+                f"0 <= shard_index < num_shards (got shard_index={shard_index})."
+            )
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: augment in the training process); got {workers}.")
+        if len(source) < batch_size:
+            raise ValueError(f"The dataset has {len(source)} images, fewer than one batch of {batch_size}.")
+        grid = augmentation.global_crop_size // patch_size
+        if grid * patch_size != augmentation.global_crop_size:
+            raise ValueError(
+                f"global_crop_size={augmentation.global_crop_size} is not a multiple of patch_size={patch_size}."
+            )
+        if type(source) is not ArraySource and isinstance(source, ArraySource):
+            source = ArraySource(source.images, source.labels)  # e.g. IterableSource: light to ship
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.epochs = int(epochs)
+        self.steps_per_epoch = len(source) // self.batch_size
+        self.workers = int(workers)
+        self.buffer = int(buffer)
+        self.num_shards = int(num_shards)
+        self.shard_index = int(shard_index)
+        self.maker = BatchMaker(source, augmentation, masking, grid, self.batch_size, self.steps_per_epoch,
+                                int(seed), bool(shuffle), self.num_shards, self.shard_index, mask_dtype)
+        self.replaced_images = {}
+        self._check_readable()
+
+    @property
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def order(self, epoch):
+        """The image order of ``epoch`` (source indices)."""
+        return self.maker.order(epoch)
+
+    def _check_readable(self):
+        """Fail before training, naming the file, when the source's first images cannot be read."""
+        replaced = []
+        for index in range(min(len(self.source), 3)):
+            try:
+                self.maker.read(index, replaced)
+            except OSError as error:
+                raise ValueError(f"The image source cannot be read: {error}") from None
+
+    def _report(self, batch):
+        for index, replacement, error in batch.pop("replaced"):
+            name = describe(self.source, index)
+            first = name not in self.replaced_images
+            self.replaced_images[name] = self.replaced_images.get(name, 0) + 1
+            if first:
+                warnings.warn(
+                    f"Could not read {name} ({error}); it is replaced by "
+                    f"{describe(self.source, replacement)} (the same replacement on every run). "
+                    f"{len(self.replaced_images)} unreadable image(s) so far (Pipeline.replaced_images).",
+                    stacklevel=1,
+                )
+        return batch
+
+    def batch(self, step):
+        """Batch ``step`` of the run, made in this process."""
+        return self._report(self.maker(step))
+
+    def dataset(self, start=0, stop=None):
+        """The ``grain.IterDataset`` of batches ``start .. stop - 1`` (default: to the end of
+        the run), made by ``workers`` processes, in order."""
+        grain = _grain()
+        stop = self.total_steps if stop is None else int(stop)
+        if not 0 <= start <= stop:
+            raise ValueError(f"Need 0 <= start <= stop; got {start} and {stop}.")
+        dataset = grain.MapDataset.range(int(start), stop).map(self.maker).to_iter_dataset()
+        if self.workers:
+            _ship_by_value()
+            options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.buffer)
+            dataset = dataset.mp_prefetch(options)
+        return dataset.map(self._report)
+
+    def stream(self, start=0, stop=None):
+        """Yield ``(batch,)`` for batches ``start .. stop - 1`` (what ``IBOT.fit`` feeds Keras);
+        the worker processes stop when the stream ends or is closed."""
+        iterator = iter(self.dataset(start, stop))
+        try:
+            for batch in iterator:
+                yield (batch,)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def describe_position(self, step):
+        epoch, position = divmod(int(step), self.steps_per_epoch)
+        return f"epoch {epoch + 1}, batch {position + 1}/{self.steps_per_epoch}"
+
+
+def augmentation_from_config(config):
+    """The config's multi-crop recipe: crop numbers, scales and sizes, and the view knobs."""
+    return MultiCropAugmentation(
+        config.global_crops_number, config.local_crops_number, config.global_crops_scale,
+        config.local_crops_scale, config.global_crop_size, config.local_crop_size,
+        blur_radius=config.blur_radius, flip_p=config.flip_p, jitter_p=config.color_jitter_p,
+        grayscale_p=config.grayscale_p, solarize_p=config.solarize_p,
+    )
+
+
+def masking_from_config(config):
+    """The config's ``BlockMasking`` (``pred_ratio``, ``pred_ratio_var``, ``pred_shape``,
+    ``pred_start_epoch``)."""
+    return BlockMasking(config.pred_ratio, config.pred_ratio_var, config.pred_shape,
+                        pred_start_epoch=config.pred_start_epoch)
+
+
+def build_pipeline(config, source, workers=None, num_shards=1, shard_index=0, mask_dtype="bool", **kwargs):
+    """The ``Pipeline`` of a ``PretrainConfig``: its crops, views, masks, batch size, epochs
+    and seed, with ``workers`` augmentation processes (default ``config.num_workers``).
+
+    ``source`` may also be a folder path (an ``ImageFolderSource``). ``num_shards`` /
+    ``shard_index``: this process's part of every global batch under data parallelism.
+    Other keyword arguments go to ``Pipeline``.
+    """
+    if isinstance(source, str):
+        source = ImageFolderSource(source)
+    workers = config.num_workers if workers is None else workers
+    return Pipeline(
+        source, augmentation_from_config(config), masking_from_config(config), config.patch_size,
+        config.batch_size, config.epochs, seed=config.seed, workers=workers, num_shards=num_shards,
+        shard_index=shard_index, mask_dtype=mask_dtype, **kwargs,
+    )
+
