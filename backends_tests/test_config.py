@@ -88,21 +88,19 @@ def test_deit_alias_and_booleans_from_strings():
     assert config.arch == "vit_small" and config.norm_last_layer is False and config.epochs == 40
 
 
-def test_view_knobs_default_to_the_official_recipe_and_reach_the_example():
-    import importlib.util
-    import os
+def test_view_knobs_default_to_the_official_recipe_and_reach_the_pipeline():
+    import argparse
+
+    from ibot_keras.cli import add_config_arguments, config_from_args
+    from ibot_keras.data import augmentation_from_config
 
     config = PretrainConfig()
     # DataAugmentationiBOT: flip 0.5, jitter 0.8, grayscale 0.2, solarize 0.2, blur sigma (0.1, 2).
     assert (config.flip_p, config.color_jitter_p, config.grayscale_p, config.solarize_p) == (0.5, 0.8, 0.2, 0.2)
     assert config.blur_radius == (0.1, 2.0)
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "pretrain.py")
-    spec = importlib.util.spec_from_file_location("pretrain_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
     changed = PretrainConfig(flip_p=0.0, color_jitter_p=0.1, grayscale_p=0.3, solarize_p=0.4, blur_radius=[0.0, 0.5])
-    aug = example.make_augmentation(changed)
+    aug = augmentation_from_config(changed)
     assert (aug.flip_p, aug.jitter_p, aug.grayscale_p, aug.solarize_p, aug.blur_radius) == (0.0, 0.1, 0.3, 0.4, (0.0, 0.5))
     assert aug.crop_recipe(1) == (0.1, 0.4) and aug.crop_recipe(0) == (1.0, 0.0)
-    args = example.parser().parse_args(["--blur_radius", "0", "0.5", "--flip_p", "0"])
-    assert example.make_config(args, 1).blur_radius == (0.0, 0.5) and example.make_config(args, 1).flip_p == 0.0
+    args = add_config_arguments(argparse.ArgumentParser()).parse_args(["--blur_radius", "0", "0.5", "--flip_p", "0"])
+    assert config_from_args(args, 1).blur_radius == (0.0, 0.5) and config_from_args(args, 1).flip_p == 0.0

@@ -20,18 +20,16 @@ run exported) replaces the teacher backbone's weights; the head stays at initial
 the backbone line is the one to compare with the untrained network.
 """
 
-import os
-import sys
+import argparse
 
 import keras
 import numpy as np
 from keras import ops
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import pretrain  # noqa: E402
-
-import ibot_keras  # noqa: E402
-from ibot_keras.eval import eval_views  # noqa: E402
+import ibot_keras
+from ibot_keras.cli import add_config_arguments, config_from_args, source_from_args
+from ibot_keras.data import augmentation_from_config
+from ibot_keras.eval import eval_views
 
 
 def centred_unit(logits):
@@ -50,7 +48,7 @@ def cross_view_correlation(model, config, source, count=256, seed=0):
     """``{"backbone CLS": (same, different), "teacher logits": (same, different)}``: mean
     cosine, between the first two global crops of ``count`` images, of the batch-centred CLS
     features and of the batch-centred teacher CLS logits (same image, different images)."""
-    augmentation = pretrain.make_augmentation(config)
+    augmentation = augmentation_from_config(config)
     rng = np.random.default_rng(seed)
     pairs = [augmentation(source[i], rng)[0][:2] for i in range(count)]
     views = [np.stack([pair[v] for pair in pairs]) for v in (0, 1)]
@@ -61,17 +59,17 @@ def cross_view_correlation(model, config, source, count=256, seed=0):
 
 
 def main(argv=None):
-    parser = pretrain.parser()
+    parser = add_config_arguments(argparse.ArgumentParser(description=__doc__))
     parser.add_argument("--backbone", help="a .keras VisionTransformer whose weights replace the teacher backbone's")
     args = parser.parse_args(argv)
-    config = pretrain.make_config(args)
+    config = config_from_args(args)
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=1)
     if args.backbone:
         trained = keras.saving.load_model(args.backbone, compile=False)
         if [w.shape for w in trained.weights] != [w.shape for w in model.teacher_backbone.weights]:
             raise SystemExit(f"{args.backbone} does not match the config's backbone (pass the flags it was trained with)")
         model.teacher_backbone.set_weights(trained.get_weights())
-    source = pretrain.load_source(args)
+    source = source_from_args(args)
     views = eval_views(source, config.global_crop_size)[:256]
     cls = ops.convert_to_numpy(model.teacher_backbone(views))[:, 0]
     unit = cls / np.linalg.norm(cls, axis=1, keepdims=True)

@@ -28,105 +28,31 @@ Only the first process (rank 0) writes logs, checkpoints and the saved teacher.
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
 import sys
 import time
-import typing
 
 import keras
 import numpy as np
 
 import ibot_keras
-from ibot_keras import BlockMasking, PretrainConfig
-from ibot_keras.data import ArraySource, ImageFolderSource, MultiCropAugmentation, MultiCropLoader, load_digits
+from ibot_keras.cli import add_config_arguments, config_from_args, source_from_args
+from ibot_keras.data import build_pipeline
 from ibot_keras.eval import eval_views, extract_features, knn_classify
-from ibot_keras.resume import TrainingCheckpoint, restore_training_state
-
-# Small-data defaults for the embedded digits (official values are PretrainConfig's).
-DIGITS_DEFAULTS = dict(
-    arch="vit_tiny", patch_size=4, embed_dim=128, depth=4, num_heads=4, image_size=16,
-    global_crop_size=16, local_crop_size=8, local_crops_number=0, out_dim=512, patch_out_dim=512,
-    shared_head=True, norm_last_layer=True, head_hidden_dim=256, head_bottleneck_dim=64,
-    batch_size=32, epochs=30, lr=2e-3, warmup_epochs=2, min_lr=1e-5, momentum_teacher=0.996,
-    # A sharper, constant [CLS] teacher temperature (official 0.04 -> 0.07): with 0.04-0.07 the
-    # CLS target goes uniform here and `cls` sits at ln(out_dim) (README, "Measured figures").
-    warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=5, drop_path=0.0,
-    global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), pred_ratio=(0.0, 0.3),
-    pred_ratio_var=(0.0, 0.2), saveckp_freq=10, output_dir="runs/digits", num_workers=2,
-    # Views for digits, not the official recipe: a mirrored, inverted (solarised) or recoloured
-    # digit is another glyph, and a 2-px blur erases a 16-px one (official 0.1-2 px x ~16/224).
-    flip_p=0.0, color_jitter_p=0.0, solarize_p=0.0, blur_radius=(0.0075, 0.15),
-    koleo_loss_weight=1.0,  # not iBOT: DINOv2's KoLeo; +22 k-NN points here (README, "Measured figures")
-)
-
-
-def str2bool(value):
-    if value.lower() in ("true", "1", "yes", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+from ibot_keras.resume import TrainingCheckpoint, model_step, restore_training_state
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(PretrainConfig):
-        kind = field.type
-        args = typing.get_args(kind)
-        if kind is bool:
-            p.add_argument(f"--{field.name}", type=str2bool, metavar="BOOL")
-        elif typing.get_origin(kind) is tuple or (args and any(typing.get_origin(a) is tuple for a in args)):
-            p.add_argument(f"--{field.name}", type=float, nargs="+")
-        elif args:  # Optional[...]
-            inner = [a for a in args if a is not type(None)][0]
-            p.add_argument(f"--{field.name}", type=inner if inner in (int, float) else str)
-        else:
-            p.add_argument(f"--{field.name}", type=kind)
-    p.add_argument("--batch_size_per_gpu", type=int, help="official name; times the device count")
+    add_config_arguments(p)
+    p.add_argument("--saveckp_steps", type=int, default=0, help="also checkpoint every N training steps "
+                   "(0: per epoch only); a restarted run continues from the last one with the same batches")
     p.add_argument("--distribute", action="store_true", help="data parallel: JAX DataParallel (multi-host with "
                    "KERAS_DISTRIBUTION_* set), TF MirroredStrategy, torch DDP ranks (launch with torchrun)")
-    p.add_argument("--dataset", default="digits", help="digits (embedded, default), or a keras.datasets name (cifar10, cifar100, mnist, fashion_mnist; downloads)")
-    p.add_argument("--official_defaults", action="store_true", help="start from the official defaults, not the digits ones")
     p.add_argument("--verbose", type=int, default=1)
     return p
-
-
-def make_config(args, num_replicas=1):
-    values = {} if args.official_defaults else dict(DIGITS_DEFAULTS)
-    for field in dataclasses.fields(PretrainConfig):
-        value = getattr(args, field.name)
-        if value is not None:
-            values[field.name] = value
-    if args.batch_size_per_gpu:
-        values["batch_size"] = args.batch_size_per_gpu * num_replicas
-    return PretrainConfig(**values)
-
-
-def load_source(args):
-    if args.data_path:
-        return ImageFolderSource(args.data_path)
-    if args.dataset == "digits":
-        images, labels = load_digits()
-        return ArraySource(images, labels)
-    loader = getattr(keras.datasets, args.dataset, None)
-    if loader is None:
-        raise ValueError(f"Unknown --dataset {args.dataset!r}.")
-    (images, labels), _ = loader.load_data()
-    return ArraySource(images, labels.reshape(-1))
-
-
-def make_augmentation(config):
-    """The config's multi-crop recipe: crop numbers, scales and sizes, and the view knobs
-    (official rates unless changed)."""
-    return MultiCropAugmentation(
-        config.global_crops_number, config.local_crops_number, config.global_crops_scale,
-        config.local_crops_scale, config.global_crop_size, config.local_crop_size,
-        blur_radius=config.blur_radius, flip_p=config.flip_p, jitter_p=config.color_jitter_p,
-        grayscale_p=config.grayscale_p, solarize_p=config.solarize_p,
-    )
 
 
 def knn_report(backbone, source, size, seed=0):
@@ -171,7 +97,7 @@ def main(argv=None):
 
 
 def train(args, parallel):
-    config = make_config(args, parallel.num_replicas)
+    config = config_from_args(args, parallel.num_replicas)
     chief = parallel.shard_index == 0  # the process that writes files
     if not chief:
         args.verbose = 0
@@ -194,21 +120,18 @@ def train(args, parallel):
         print(f"backend: {keras.backend.backend()}, data parallel over {parallel.num_replicas} device(s), "
               f"output: {config.output_dir}")
 
-    source = load_source(args)
-    augmentation = make_augmentation(config)
-    masking = BlockMasking(config.pred_ratio, config.pred_ratio_var, config.pred_shape, pred_start_epoch=config.pred_start_epoch)
-    loader = MultiCropLoader(
-        source, augmentation, masking, config.patch_size, config.batch_size, seed=config.seed,
-        workers=config.num_workers, use_multiprocessing=False,
-        num_shards=parallel.num_shards, shard_index=parallel.shard_index,
+    source = source_from_args(args)
+    pipeline = build_pipeline(
+        config, source, num_shards=parallel.num_shards, shard_index=parallel.shard_index,
         # Keras 3.15.1 cannot reduce a bool batch across tf.distribute replicas.
         mask_dtype="uint8" if keras.backend.backend() == "tensorflow" and parallel.num_replicas > 1 else "bool",
     )
-    model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(loader))
+    model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(pipeline))
     # Re-running the same command with the same --output_dir resumes where it stopped.
-    initial_epoch = restore_training_state(model, config.output_dir)
+    restore_training_state(model, config.output_dir)
+    resumed_step = model_step(model)
     init_path = os.path.join(config.output_dir, "knn_at_init.json")
-    if initial_epoch == 0:
+    if resumed_step == 0:
         with undistributed():
             random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
         if chief:
@@ -216,20 +139,20 @@ def train(args, parallel):
                 json.dump({"knn_top1": random_top1}, f)
     else:
         if chief:
-            print(f"Resuming after epoch {initial_epoch} from {config.output_dir}")
+            print(f"Resuming at step {resumed_step} ({pipeline.describe_position(resumed_step)}) from {config.output_dir}")
         with open(init_path) as f:
             random_top1 = json.load(f)["knn_top1"]
 
     callbacks = [ibot_keras.callbacks.TeacherStateMonitor(), ibot_keras.callbacks.CollapseMonitor()]
     if chief:
         callbacks += [
-            keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv"), append=initial_epoch > 0),
-            TrainingCheckpoint(config.output_dir, keep_freq=config.saveckp_freq),
+            keras.callbacks.CSVLogger(os.path.join(config.output_dir, "log.csv"), append=resumed_step > 0),
+            TrainingCheckpoint(config.output_dir, keep_freq=config.saveckp_freq, save_steps=args.saveckp_steps),
         ]
     if chief and all(importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")):  # the writer needs both
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.output_dir, "tensorboard")))
     start = time.time()
-    model.fit(loader, epochs=config.epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose)
+    model.fit(pipeline, epochs=config.epochs, callbacks=callbacks, verbose=args.verbose)
     train_time = time.time() - start
     if chief:
         model.teacher_backbone.save(os.path.join(config.output_dir, "teacher_backbone.keras"))
@@ -238,6 +161,8 @@ def train(args, parallel):
     with undistributed():
         top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
     summary = {"backend": keras.backend.backend(), "train_seconds": round(train_time, 1)}
+    if pipeline.replaced_images:
+        summary["unreadable_images"] = pipeline.replaced_images
     if top1 is not None:
         pixels_top1 = knn_report(None, source, config.global_crop_size)
         summary.update(

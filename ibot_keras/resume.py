@@ -167,6 +167,40 @@ class _RunCallbacks(keras.callbacks.CallbackList):
         super().on_train_batch_end(batch + self.batch_offset, logs)
 
 
+class _StepRange(keras.utils.PyDataset):
+    """Batches ``start .. stop - 1`` of a ``Pipeline`` as a one-worker ``PyDataset`` (so Keras
+    adds no threads of its own). Read in order, they come from the pipeline's worker stream;
+    the few that Keras reads twice (its look at the first batches for shapes) are served again
+    from a small cache, and any other jump restarts the stream there."""
+
+    def __init__(self, pipeline, start, stop):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.pipeline, self.start, self.stop = pipeline, int(start), int(stop)
+        self._stream, self._next, self._recent = None, None, {}
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, index):
+        step = self.start + int(index)
+        if step in self._recent:
+            return (self._recent[step],)
+        if self._stream is None or step != self._next:
+            self.close()
+            self._stream = self.pipeline.stream(step, self.stop)
+        (batch,) = next(self._stream)
+        self._next = step + 1
+        self._recent[step] = batch
+        self._recent.pop(step - 4, None)
+        return (batch,)
+
+    def close(self):
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._recent = {}
+
+
 def fit_pipeline(model, pipeline, fit, epochs=1, callbacks=None, verbose="auto", initial_epoch=None,
                  steps_per_epoch=None, **kwargs):
     """``model.fit`` on a ``Pipeline`` from ``model.step`` on (``fit`` is Keras' own).
@@ -198,8 +232,8 @@ def fit_pipeline(model, pipeline, fit, epochs=1, callbacks=None, verbose="auto",
     if position and epoch < epochs:
         run.batch_offset = position
         run.final = epoch + 1 >= epochs
-        fit(pipeline.stream(start, (epoch + 1) * steps), epochs=epoch + 1, initial_epoch=epoch,
-            steps_per_epoch=steps - position, **kwargs)
+        _fit_range(fit, pipeline, start, (epoch + 1) * steps, epochs=epoch + 1, initial_epoch=epoch,
+                   steps_per_epoch=steps - position, **kwargs)
         run.batch_offset = 0
         epoch += 1
         if model.stop_training:
@@ -209,9 +243,17 @@ def fit_pipeline(model, pipeline, fit, epochs=1, callbacks=None, verbose="auto",
             return model.history
     if epoch < epochs:
         run.final = True
-        fit(pipeline.stream(epoch * steps, epochs * steps), epochs=epochs, initial_epoch=epoch,
-            steps_per_epoch=steps, **kwargs)
+        _fit_range(fit, pipeline, epoch * steps, epochs * steps, epochs=epochs, initial_epoch=epoch,
+                   steps_per_epoch=steps, **kwargs)
     return model.history
+
+
+def _fit_range(fit, pipeline, start, stop, **kwargs):
+    data = _StepRange(pipeline, start, stop)
+    try:
+        fit(data, **kwargs)
+    finally:
+        data.close()  # stop the worker processes now, not at garbage collection
 
 
 class TrainingCheckpoint(keras.callbacks.Callback):
