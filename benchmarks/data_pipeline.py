@@ -5,10 +5,14 @@
     python benchmarks/data_pipeline.py fit --config baseline-cpu --workers 1
 
 ``throughput``: images/s of ``build_pipeline(config, source, workers=N).stream()`` after each
-worker's first batch (start-up excluded), for in-memory uint8 photos (``--source array``:
+worker's first batch (start-up excluded). ``--engine`` compares the same batches made by
+other loaders: ``threads`` (a ``keras.utils.PyDataset`` with N Keras enqueuer threads, the
+route Keras 3.15 reorders) and ``tf.data`` (``map`` of a ``py_function`` with
+``num_parallel_calls=N``). Sources: in-memory uint8 photos (``--source array``:
 blocky random 320x400 images, no decoding) or real JPEG files of ImageNet-like size
 (``--source jpeg``: 500x375, quality 90, written to a temporary folder that is removed
-afterwards). ``per_worker`` is images/s divided by the worker count; ``scaling`` is the
+afterwards). Timing starts after every worker's first two batches (start-up and full
+buffers excluded). ``per_worker`` is images/s divided by the worker count; ``scaling`` is the
 images/s relative to the first worker count given.
 
 ``fit``: the median step time of ``model.fit`` (second epoch, after compilation) on the
@@ -69,28 +73,65 @@ def make_source(kind, count, root):
     return ImageFolderSource(root)
 
 
+def batches(pipeline, engine, workers):
+    """An iterator over the pipeline's batches, made by ``engine``."""
+    if engine == "grain":
+        return pipeline.stream()
+    if engine == "threads":
+
+        class Batches(keras.utils.PyDataset):
+            def __len__(self):
+                return pipeline.total_steps
+
+            def __getitem__(self, step):
+                return (pipeline.batch(step),)
+
+        from keras.src.trainers.data_adapters import get_data_adapter
+
+        adapter = get_data_adapter(Batches(workers=workers, use_multiprocessing=False), shuffle=False)
+        adapter.on_epoch_begin()
+        return iter(adapter.get_numpy_iterator())
+    import tensorflow as tf
+
+    keys = sorted(pipeline.batch(0))
+
+    def make(step):
+        batch = pipeline.batch(int(step))
+        return [batch[k] for k in keys]
+
+    spec = pipeline.batch(0)
+    dataset = tf.data.Dataset.range(pipeline.total_steps).map(
+        lambda step: tf.py_function(make, [step], [tf.as_dtype(spec[k].dtype) for k in keys]),
+        num_parallel_calls=workers, deterministic=True,
+    ).prefetch(workers)
+    return iter(dataset.as_numpy_iterator())
+
+
 def throughput(args):
     from ibot_keras.data import build_pipeline
 
     results = []
+    config = config_of(args.config, epochs=1, warmup_teacher_temp_epochs=1, warmup_epochs=1)
+    most = max(max(args.workers), 1)
     with tempfile.TemporaryDirectory() as root:
+        # Enough images for the start-up, the buffers and the timed batches of the most workers.
+        source = make_source(args.source, config.batch_size * (args.batches_per_worker + 4) * most, root)
         for workers in args.workers:
-            config = config_of(args.config, epochs=1, warmup_teacher_temp_epochs=1, warmup_epochs=1)
             timed = args.batches_per_worker * max(workers, 1)
-            count = config.batch_size * (timed + max(workers, 1))
-            source = make_source(args.source, count, root) if not results or args.source == "array" else source
-            pipeline = build_pipeline(config, source, workers=workers)
-            stream = pipeline.stream()
-            for _ in range(max(workers, 1)):  # each worker's first batch: start-up
+            pipeline = build_pipeline(config, source, workers=workers if args.engine == "grain" else 0)
+            stream = batches(pipeline, args.engine, workers)
+            # Start-up and filled buffers excluded: every worker's first two batches.
+            for _ in range(2 * max(workers, 1)):
                 next(stream)
             start = time.perf_counter()
             for _ in range(timed):
                 next(stream)
             elapsed = time.perf_counter() - start
-            stream.close()
+            getattr(stream, "close", lambda: None)()
             images_per_s = config.batch_size * timed / elapsed
             results.append({
-                "config": args.config, "source": args.source, "workers": workers, "batch_size": config.batch_size,
+                "config": args.config, "engine": args.engine, "source": args.source, "workers": workers,
+                "batch_size": config.batch_size,
                 "timed_batches": timed, "images_per_s": round(images_per_s, 1),
                 "per_worker": round(images_per_s / max(workers, 1), 1),
                 "scaling": round(images_per_s / results[0]["images_per_s"], 2) if results else 1.0,
@@ -154,6 +195,8 @@ def main():
     parser.add_argument("--config", default="baseline-cpu", choices=sorted(CONFIGS))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--source", default="array", choices=["array", "jpeg"])
+    parser.add_argument("--engine", default="grain", choices=["grain", "threads", "tf.data"],
+                        help="throughput: who makes the batches")
     parser.add_argument("--batches_per_worker", type=int, default=4, help="throughput: timed batches per worker")
     parser.add_argument("--steps", type=int, default=8, help="fit: steps per epoch")
     args = parser.parse_args()

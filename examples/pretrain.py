@@ -5,7 +5,9 @@
         --arch vit_small --patch_size 16 --global_crop_size 224 --local_crop_size 96 ...
 
 Flags are the official ``main_ibot.py`` names (every ``PretrainConfig`` field is a flag;
-``--batch_size_per_gpu`` is accepted as the per-device batch). The defaults below are sized
+``--batch_size_per_gpu`` is accepted as the per-device batch; ``--num_workers`` augmentation
+processes). Re-running the same command with the same ``--output_dir`` resumes exactly where
+the last checkpoint left off (every epoch, and every ``--saveckp_steps`` steps if given). The defaults below are sized
 for the embedded scikit-learn digits (1,797 real 8x8 images) so a run finishes in minutes on
 two CPU cores, and three of them depart from the official recipe because digits need it (README,
 "Measured figures"): views without flip, colour jitter or solarisation and with a blur radius

@@ -246,7 +246,11 @@ class Pipeline:
         stop = self.total_steps if stop is None else int(stop)
         if not 0 <= start <= stop:
             raise ValueError(f"Need 0 <= start <= stop; got {start} and {stop}.")
-        dataset = grain.MapDataset.range(int(start), stop).map(self.maker).to_iter_dataset()
+        # One batch at a time per process (grain's default is 16 threads with 500 elements of
+        # read-ahead each: with whole batches as elements that is gigabytes per worker). The
+        # parallelism is the worker processes.
+        read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        dataset = grain.MapDataset.range(int(start), stop).map(self.maker).to_iter_dataset(read)
         if self.workers:
             _ship_by_value()
             options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.buffer)
