@@ -17,7 +17,6 @@ taken mid-epoch also holds the epoch's running metric sums, so the logs of the r
 import json
 import os
 import shutil
-import warnings
 import weakref
 
 import keras
@@ -167,6 +166,12 @@ class _RunCallbacks(keras.callbacks.CallbackList):
         super().on_train_batch_end(batch + self.batch_offset, logs)
 
 
+def resumed_mid_epoch(model):
+    """Whether ``model`` was restored from a mid-epoch checkpoint that no ``fit`` on a
+    ``Pipeline`` has continued yet."""
+    return model in _pending_metrics
+
+
 class _StepRange(keras.utils.PyDataset):
     """Batches ``start .. stop - 1`` of a ``Pipeline`` as a one-worker ``PyDataset`` (so Keras
     adds no threads of its own). Read in order, they come from the pipeline's worker stream;
@@ -261,7 +266,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     training steps (0: never mid-epoch) and at the end of training (official:
     ``checkpoint.pth`` every epoch), keeping a permanent copy every ``keep_freq`` epochs
     (official ``--saveckp_freq``; 0 keeps none). Resuming from a mid-epoch checkpoint is exact
-    with a ``Pipeline`` (see the module docstring)."""
+    with a ``Pipeline`` (see the module docstring). With ``save_steps`` Keras runs the batch
+    hooks of every step synchronously (it reads the logs each step)."""
 
     def __init__(self, directory, save_freq=1, keep_freq=0, save_steps=0):
         super().__init__()

@@ -2,9 +2,8 @@
 one worker). ``ibot_keras.data.build_pipeline`` is the parallel, resumable-at-any-step route."""
 
 import keras
-import numpy as np
 
-from ibot_keras.masking import BlockMasking
+from ibot_keras.data.pipeline import BatchMaker, report_replaced
 
 
 class MultiCropLoader(keras.utils.PyDataset):
@@ -61,35 +60,19 @@ class MultiCropLoader(keras.utils.PyDataset):
                 "batches as one worker), or keep workers=1."
             )
         super().__init__(**kwargs)
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1.")
-        if num_shards < 1 or not 0 <= shard_index < num_shards or batch_size % num_shards:
-            raise ValueError(
-                f"batch_size={batch_size} must split into num_shards={num_shards} equal parts and "
-                f"0 <= shard_index < num_shards (got shard_index={shard_index})."
-            )
         if num_shards > 1 and not drop_last:
             raise ValueError("Sharding needs drop_last=True (every shard gets a full part).")
         if drop_last and len(source) < batch_size:
             raise ValueError(f"The dataset has {len(source)} images, fewer than one batch of {batch_size}.")
+        self.maker = BatchMaker(source, augmentation, masking, patch_size, batch_size, seed, shuffle,
+                                num_shards, shard_index, mask_dtype)
         self.source = source
         self.augmentation = augmentation
         self.masking = masking
-        self.patch_size = int(patch_size)
         self.batch_size = int(batch_size)
-        self.shuffle = shuffle
         self.drop_last = drop_last
-        self.seed = int(seed)
         self.epoch = int(epoch)
-        self.num_shards = int(num_shards)
-        self.shard_index = int(shard_index)
-        self.mask_dtype = mask_dtype
-        grid = augmentation.global_crop_size // self.patch_size
-        if grid * self.patch_size != augmentation.global_crop_size:
-            raise ValueError(
-                f"global_crop_size={augmentation.global_crop_size} is not a multiple of patch_size={patch_size}."
-            )
-        self.grid = grid
+        self.replaced_images = {}
 
     def __len__(self):
         n = len(self.source)
@@ -105,36 +88,19 @@ class MultiCropLoader(keras.utils.PyDataset):
 
     def order(self, epoch=None):
         """The image order of an epoch."""
-        epoch = self.epoch if epoch is None else epoch
-        if not self.shuffle:
-            return np.arange(len(self.source))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        return self.maker.order(self.epoch if epoch is None else epoch)
 
     def sample(self, position, epoch=None):
         """Crops and masks of the image at ``position`` in the epoch's order."""
-        epoch = self.epoch if epoch is None else epoch
-        index = int(self.order(epoch)[position])
-        rng = np.random.default_rng([self.seed, epoch, position])
-        globals_, locals_ = self.augmentation(self.source[index], rng)
-        masks = self.masking.image_masks(len(globals_), self.grid, self.grid, rng, epoch)
-        return globals_, locals_, masks
+        return self.maker.sample(self.epoch if epoch is None else epoch, position)
 
     def __getitem__(self, batch_index):
-        epoch = self.epoch
-        start = batch_index * self.batch_size
-        stop = min(start + self.batch_size, len(self.source))
-        if self.num_shards > 1:
-            part = self.batch_size // self.num_shards
-            start += self.shard_index * part
-            stop = start + part
-        samples = [self.sample(p, epoch) for p in range(start, stop)]
-        batch = {
-            "global_crops": np.stack([np.stack(g) for g, _, _ in samples]),
-            "masks": np.stack([m for _, _, m in samples]).astype(self.mask_dtype, copy=False),
-        }
-        if self.augmentation.local_crops_number:
-            batch["local_crops"] = np.stack([np.stack(l) for _, l, _ in samples])
-        return (batch,)
+        if self.maker.num_shards > 1:
+            batch = self.maker(self.epoch * self.maker.steps_per_epoch + batch_index)
+        else:
+            start = batch_index * self.batch_size
+            batch = self.maker.make(self.epoch, start, min(start + self.batch_size, len(self.source)))
+        return (report_replaced(batch, self.source, self.replaced_images),)
 
 
 class _SetLoaderEpoch(keras.callbacks.Callback):

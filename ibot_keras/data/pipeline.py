@@ -64,27 +64,34 @@ def describe(source, index):
 
 
 class BatchMaker:
-    """Makes batch ``step`` (a dict of NumPy arrays); runs in the worker processes.
+    """Makes the batches of an image source; runs in the worker processes.
 
-    A file that cannot be read is replaced by the next readable image of the source (index + 1,
+    ``maker(step)`` is batch ``step`` of the run (this shard's part of it); ``make(epoch,
+    start, stop)`` the batch of positions ``start .. stop - 1`` of the epoch's order. A file
+    that cannot be read is replaced by the next readable image of the source (index + 1,
     + 2, ...; the same replacement on every run); ``"replaced"`` in the returned dict lists
-    ``(index, replacement, error)`` for the pipeline to count and report.
+    ``(index, replacement, error)`` for ``report_replaced``.
     """
 
-    def __init__(self, source, augmentation, masking, grid, batch_size, steps_per_epoch, seed, shuffle,
-                 num_shards, shard_index, mask_dtype, max_replacements=16):
-        self.source = source
-        self.augmentation = augmentation
-        self.masking = masking
-        self.grid = grid
-        self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.seed = seed
-        self.shuffle = shuffle
-        self.num_shards = num_shards
-        self.shard_index = shard_index
-        self.mask_dtype = mask_dtype
-        self.max_replacements = max_replacements
+    def __init__(self, source, augmentation, masking, patch_size, batch_size, seed=0, shuffle=True,
+                 num_shards=1, shard_index=0, mask_dtype="bool", max_replacements=16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        if num_shards < 1 or not 0 <= shard_index < num_shards or batch_size % num_shards:
+            raise ValueError(
+                f"batch_size={batch_size} must split into num_shards={num_shards} equal parts and "
+                f"0 <= shard_index < num_shards (got shard_index={shard_index})."
+            )
+        self.grid = augmentation.global_crop_size // int(patch_size)
+        if self.grid * int(patch_size) != augmentation.global_crop_size:
+            raise ValueError(
+                f"global_crop_size={augmentation.global_crop_size} is not a multiple of patch_size={patch_size}."
+            )
+        self.source, self.augmentation, self.masking = source, augmentation, masking
+        self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
+        self.num_shards, self.shard_index = int(num_shards), int(shard_index)
+        self.mask_dtype, self.max_replacements = mask_dtype, int(max_replacements)
+        self.steps_per_epoch = len(source) // self.batch_size
 
     def order(self, epoch):
         """The image order of ``epoch``: a permutation of the source indices."""
@@ -111,22 +118,20 @@ class BatchMaker:
             f"{attempt} images of the source; check the files."
         )
 
-    def sample(self, epoch, position, order, replaced):
+    def sample(self, epoch, position, order=None, replaced=None):
         """Crops and masks of the image at ``position`` of the epoch's order."""
+        order = self.order(epoch) if order is None else order
         rng = np.random.default_rng([self.seed, epoch, position])
-        image = self.read(int(order[position]), replaced)
+        image = self.read(int(order[position]), [] if replaced is None else replaced)
         globals_, locals_ = self.augmentation(image, rng)
         masks = self.masking.image_masks(len(globals_), self.grid, self.grid, rng, epoch)
         return globals_, locals_, masks
 
-    def __call__(self, step):
-        step = int(step)
-        epoch, position = divmod(step, self.steps_per_epoch)
+    def make(self, epoch, start, stop):
+        """The batch of positions ``start .. stop - 1`` of ``epoch``'s order."""
         order = self.order(epoch)
-        part = self.batch_size // self.num_shards
-        start = position * self.batch_size + self.shard_index * part
         replaced = []
-        samples = [self.sample(epoch, p, order, replaced) for p in range(start, start + part)]
+        samples = [self.sample(epoch, p, order, replaced) for p in range(start, stop)]
         batch = {
             "global_crops": np.stack([np.stack(g) for g, _, _ in samples]),
             "masks": np.stack([m for _, _, m in samples]).astype(self.mask_dtype, copy=False),
@@ -135,6 +140,28 @@ class BatchMaker:
             batch["local_crops"] = np.stack([np.stack(l) for _, l, _ in samples])
         batch["replaced"] = replaced
         return batch
+
+    def __call__(self, step):
+        epoch, position = divmod(int(step), self.steps_per_epoch)
+        part = self.batch_size // self.num_shards
+        start = position * self.batch_size + self.shard_index * part
+        return self.make(epoch, start, start + part)
+
+
+def report_replaced(batch, source, seen):
+    """Pop ``"replaced"`` from a ``BatchMaker`` batch, count each file in ``seen`` (``{name:
+    times}``) and warn the first time a file is met. Returns the batch."""
+    for index, replacement, error in batch.pop("replaced"):
+        name = describe(source, index)
+        first = name not in seen
+        seen[name] = seen.get(name, 0) + 1
+        if first:
+            warnings.warn(
+                f"Could not read {name} ({error}); it is replaced by {describe(source, replacement)} "
+                f"(the same replacement on every run). {len(seen)} unreadable image(s) so far.",
+                stacklevel=1,
+            )
+    return batch
 
 
 class Pipeline:
@@ -170,34 +197,22 @@ class Pipeline:
 
     def __init__(self, source, augmentation, masking, patch_size, batch_size, epochs, seed=0, shuffle=True,
                  workers=0, num_shards=1, shard_index=0, mask_dtype="bool", buffer=2):
-        if batch_size < 1 or epochs < 1:
-            raise ValueError(f"batch_size and epochs must be >= 1; got {batch_size} and {epochs}.")
-        if num_shards < 1 or not 0 <= shard_index < num_shards or batch_size % num_shards:
-            raise ValueError(
-                f"batch_size={batch_size} must split into num_shards={num_shards} equal parts and "
-                f"0 <= shard_index < num_shards (got shard_index={shard_index})."
-            )
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1; got {epochs}.")
         if workers < 0:
             raise ValueError(f"workers must be >= 0 (0: augment in the training process); got {workers}.")
         if len(source) < batch_size:
             raise ValueError(f"The dataset has {len(source)} images, fewer than one batch of {batch_size}.")
-        grid = augmentation.global_crop_size // patch_size
-        if grid * patch_size != augmentation.global_crop_size:
-            raise ValueError(
-                f"global_crop_size={augmentation.global_crop_size} is not a multiple of patch_size={patch_size}."
-            )
         if type(source) is not ArraySource and isinstance(source, ArraySource):
             source = ArraySource(source.images, source.labels)  # e.g. IterableSource: light to ship
+        self.maker = BatchMaker(source, augmentation, masking, patch_size, batch_size, seed, shuffle,
+                                num_shards, shard_index, mask_dtype)
         self.source = source
-        self.batch_size = int(batch_size)
+        self.batch_size = self.maker.batch_size
         self.epochs = int(epochs)
-        self.steps_per_epoch = len(source) // self.batch_size
+        self.steps_per_epoch = self.maker.steps_per_epoch
         self.workers = int(workers)
         self.buffer = int(buffer)
-        self.num_shards = int(num_shards)
-        self.shard_index = int(shard_index)
-        self.maker = BatchMaker(source, augmentation, masking, grid, self.batch_size, self.steps_per_epoch,
-                                int(seed), bool(shuffle), self.num_shards, self.shard_index, mask_dtype)
         self.replaced_images = {}
         self._check_readable()
 
@@ -222,18 +237,7 @@ class Pipeline:
                 raise ValueError(f"The image source cannot be read: {error}") from None
 
     def _report(self, batch):
-        for index, replacement, error in batch.pop("replaced"):
-            name = describe(self.source, index)
-            first = name not in self.replaced_images
-            self.replaced_images[name] = self.replaced_images.get(name, 0) + 1
-            if first:
-                warnings.warn(
-                    f"Could not read {name} ({error}); it is replaced by "
-                    f"{describe(self.source, replacement)} (the same replacement on every run). "
-                    f"{len(self.replaced_images)} unreadable image(s) so far (Pipeline.replaced_images).",
-                    stacklevel=1,
-                )
-        return batch
+        return report_replaced(batch, self.source, self.replaced_images)
 
     def batch(self, step):
         """Batch ``step`` of the run, made in this process."""

@@ -1,5 +1,7 @@
 """The iBOT pretrainer: student and EMA teacher, the loss, and the training step."""
 
+import warnings
+
 import keras
 from keras import ops
 
@@ -226,6 +228,13 @@ class IBOT(PostOptimizerStep, keras.Model):
             if args:
                 raise ValueError("fit(pipeline, ...) takes keyword arguments only (epochs=..., callbacks=...).")
             return resume.fit_pipeline(self, x, super().fit, callbacks=callbacks, **kwargs)
+        if resume.resumed_mid_epoch(self):
+            warnings.warn(
+                f"The model was restored from a mid-epoch checkpoint (step {resume.model_step(self)}); only a "
+                "Pipeline (ibot_keras.data.build_pipeline) continues at that step. With this data the epoch "
+                "starts again from its first batch while the schedules continue from the saved step.",
+                stacklevel=2,
+            )
         if hasattr(x, "epoch_callback"):
             callbacks = list(callbacks or []) + [x.epoch_callback()]
             kwargs["shuffle"] = False
