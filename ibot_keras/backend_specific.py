@@ -226,7 +226,7 @@ def data_parallel():
 
     Build the model and call ``fit`` inside ``scope``; this process's data source must yield
     part ``shard_index`` of ``num_shards`` equal parts of every global batch
-    (``MultiCropLoader(..., num_shards=..., shard_index=...)``); ``num_replicas`` devices
+    (``build_pipeline(config, source, num_shards=..., shard_index=...)``); ``num_replicas`` devices
     share each global batch.
 
     - JAX: ``keras.distribution.DataParallel`` over every device of every process; with
