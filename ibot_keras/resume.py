@@ -246,10 +246,11 @@ def fit_pipeline(model, pipeline, fit, epochs=1, callbacks=None, verbose="auto",
                 run.final = True
                 run.on_train_end()
             return model.history
-    if epoch < epochs:
-        run.final = True
-        _fit_range(fit, pipeline, epoch * steps, epochs * steps, epochs=epochs, initial_epoch=epoch,
-                   steps_per_epoch=steps, **kwargs)
+    if epoch >= epochs:
+        return getattr(model, "history", None)  # already trained that far
+    run.final = True
+    _fit_range(fit, pipeline, epoch * steps, epochs * steps, epochs=epochs, initial_epoch=epoch,
+               steps_per_epoch=steps, **kwargs)
     return model.history
 
 

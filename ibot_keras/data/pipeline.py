@@ -7,8 +7,9 @@ steps_per_epoch``) holds the images at ``position * batch_size ...`` of the epoc
 ``(seed, epoch, index in the epoch's order)``. Nothing else enters, so the number of workers,
 the number of data-parallel shards, a restart from a checkpoint or the backend cannot change a
 batch. grain (``mp_prefetch``) runs the augmentation in worker processes and hands the batches
-back in order; the workers import only NumPy, Pillow and grain (this module, the augmentation,
-the masking and the sources travel to them by value), not Keras or a backend.
+back in order; the workers import NumPy, Pillow and grain (with what grain imports), not Keras
+or a backend: this module, the augmentation, the masking and the sources travel to them by
+value.
 
 This module imports no Keras and no backend; grain is imported when a pipeline is built.
 """
