@@ -114,11 +114,8 @@ def train(args, parallel):
         changed = sorted(k for k, v in config.to_dict().items() if k in previous and json.loads(json.dumps(v)) != previous[k])
         if changed:
             print(f"warning: {config.output_dir} was started with other settings ({', '.join(changed)}); "
-                  "resuming with the new ones changes the schedules.", file=sys.stderr)
+                  "resuming with the new ones is refused if any of them shapes the schedules.", file=sys.stderr)
     if chief:
-        config.save(config_path)
-        with open(os.path.join(config.output_dir, "args.txt"), "w") as f:
-            f.write("\n".join(f"{k}: {v}" for k, v in sorted(config.to_dict().items())) + "\n")
         print(f"backend: {keras.backend.backend()}, data parallel over {parallel.num_replicas} device(s), "
               f"output: {config.output_dir}")
 
@@ -129,9 +126,14 @@ def train(args, parallel):
         mask_dtype="uint8" if keras.backend.backend() == "tensorflow" and parallel.num_replicas > 1 else "bool",
     )
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=len(pipeline))
-    # Re-running the same command with the same --output_dir resumes where it stopped.
+    # Re-running the same command with the same --output_dir resumes where it stopped (a
+    # checkpoint written with other schedule settings is refused, naming them).
     restore_training_state(model, config.output_dir)
     resumed_step = model_step(model)
+    if chief:  # after the restore: a refused resume leaves the run's settings as they were
+        config.save(config_path)
+        with open(os.path.join(config.output_dir, "args.txt"), "w") as f:
+            f.write("\n".join(f"{k}: {v}" for k, v in sorted(config.to_dict().items())) + "\n")
     init_path = os.path.join(config.output_dir, "knn_at_init.json")
     if resumed_step == 0:
         with undistributed():
@@ -141,7 +143,9 @@ def train(args, parallel):
                 json.dump({"knn_top1": random_top1}, f)
     else:
         if chief:
-            print(f"Resuming at step {resumed_step} ({pipeline.describe_position(resumed_step)}) from {config.output_dir}")
+            left = (f"continuing with {pipeline.describe_position(resumed_step)}"
+                    if resumed_step < config.epochs * len(pipeline) else f"all {config.epochs} epochs are done")
+            print(f"Resumed the run in {config.output_dir} from its checkpoint at step {resumed_step}; {left}")
         with open(init_path) as f:
             random_top1 = json.load(f)["knn_top1"]
 

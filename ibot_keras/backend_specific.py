@@ -9,9 +9,10 @@
    official code does. JAX's ``train_step`` is functional (state in, state out) so the hook
    runs in a ``StatelessScope`` over the updated state; TensorFlow and PyTorch assign directly.
    The hook gets the pre-step values of ``model.step_snapshot_variables()`` (the optimizer's
-   iteration count and the centers), to tell and undo a step the optimizer skipped (a
-   ``LossScaleOptimizer`` on non-finite gradients): JAX reads them from the step's input
-   state, TensorFlow and PyTorch copy them before the step.
+   iteration count, the centers and the metrics), to tell and undo a step the optimizer
+   skipped (non-finite loss or gradients): JAX reads them from the step's input state,
+   TensorFlow and PyTorch copy them before the step. The hook returns the step's logs (read
+   after it restored the metrics).
 3. Data parallel training (the global batch split over replicas; every number as on one
    device with the whole batch):
    - ``replica_loss``: what ``compute_loss`` returns so that gradients are those of the
@@ -125,23 +126,26 @@ if _BACKEND == "jax":
         """Mixin for a ``keras.Model`` defining ``after_optimizer_step()``."""
 
         def _state_mapping(self, state):
-            trainable, non_trainable, optimizer_vars = state[:3]
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
             mapping = list(zip(self.trainable_variables, trainable))
             mapping += list(zip(self.non_trainable_variables, non_trainable))
             if self.optimizer is not None:
                 mapping += list(zip(self.optimizer.variables, optimizer_vars))
+            mapping += list(zip(self.metrics_variables, metrics_vars))
             return mapping
 
         def train_step(self, state, data):
             before = {id(v): value for v, value in self._state_mapping(state)}
             snapshot = [before[id(v)] for v in self.step_snapshot_variables()]
             logs, state = super().train_step(state, data)
-            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            trainable = state[0]
             with keras.StatelessScope(state_mapping=self._state_mapping(state)) as scope:
-                self.after_optimizer_step(snapshot)
+                logs = self.after_optimizer_step(snapshot)
             non_trainable = [scope.get_current_value(v) for v in self.non_trainable_variables]
+            optimizer_vars = state[2]
             if self.optimizer is not None:
                 optimizer_vars = [scope.get_current_value(v) for v in self.optimizer.variables]
+            metrics_vars = [scope.get_current_value(v) for v in self.metrics_variables]
             return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
 elif _BACKEND == "torch":
@@ -189,9 +193,8 @@ elif _BACKEND == "torch":
             world = _torch_world_size()
             if world == 1:
                 snapshot = _pre_step_values(self)
-                logs = super().train_step(data)
-                self.after_optimizer_step(snapshot)
-                return logs
+                super().train_step(data)
+                return self.after_optimizer_step(snapshot)
             if not self.__dict__.get("_ranks_synchronised", False):
                 _broadcast_from_rank0(self.weights)
                 if self.optimizer is not None and self.optimizer.built:
@@ -199,9 +202,8 @@ elif _BACKEND == "torch":
                 self.__dict__["_ranks_synchronised"] = True
             snapshot = _pre_step_values(self)
             with _gradients_averaged_over_ranks(self.optimizer, world):
-                logs = super().train_step(data)
-            self.after_optimizer_step(snapshot)
-            return logs
+                super().train_step(data)
+            return self.after_optimizer_step(snapshot)
 
 else:
 
@@ -210,9 +212,8 @@ else:
 
         def train_step(self, data):
             snapshot = _pre_step_values(self)
-            logs = super().train_step(data)
-            self.after_optimizer_step(snapshot)
-            return logs
+            super().train_step(data)
+            return self.after_optimizer_step(snapshot)
 
 
 DataParallelSetup = collections.namedtuple(

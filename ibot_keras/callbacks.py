@@ -173,3 +173,39 @@ class TeacherStateMonitor(keras.callbacks.Callback):
             diff += float(np.sum((t - s) ** 2))
             total += float(np.sum(s**2))
         logs["teacher_student_gap"] = float(np.sqrt(diff / max(total, 1e-30)))
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised by ``NonFiniteStop`` when too many steps in a row were skipped."""
+
+
+class NonFiniteStop(keras.callbacks.Callback):
+    """Stop ``fit`` once ``max_consecutive`` steps in a row were skipped as non-finite.
+
+    Reads the ``consecutive_skips`` log of ``IBOT`` (no extra host read; safe for Keras'
+    asynchronous callback dispatch). ``IBOT.fit`` adds one when the model's
+    ``max_consecutive_skips`` is above 0.
+    """
+
+    async_safe = True
+
+    def __init__(self, max_consecutive):
+        super().__init__()
+        self.max_consecutive = int(max_consecutive)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        consecutive = (logs or {}).get("consecutive_skips")
+        if consecutive is None or float(consecutive) < self.max_consecutive:
+            return
+        total = (logs or {}).get("skipped_steps", consecutive)
+        raise NonFiniteTrainingError(
+            f"Training stopped at epoch {self.epoch + 1}, batch {batch + 1}: the last "
+            f"{int(float(consecutive))} steps had a non-finite loss or gradients and were skipped "
+            f"({int(float(total))} skipped in this run). The weights are those of the last finite "
+            "step. Look for NaN/inf pixels in the data, a too high lr, or a temperature near 0; "
+            "to allow longer runs of skipped steps, raise max_consecutive_skips (0: never stop)."
+        )

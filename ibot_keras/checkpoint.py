@@ -7,6 +7,7 @@ weight-norm ``weight_g`` is ``(K, 1)`` (here ``(1, K)``). Names keep the officia
 """
 
 import dataclasses
+import functools
 import os
 import warnings
 
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 
 from ibot_keras.layers.position_embedding import official_interpolation_matrices
-from ibot_keras.state_files import read_state, write_state
+from ibot_keras.state_files import WeightsFileError, file_format, read_state, write_state
 
 _TO_OFFICIAL = {
     "same": lambda a: a,
@@ -34,6 +35,18 @@ def to_official_layout(array, layout):
 
 def from_official_layout(array, layout):
     return np.ascontiguousarray(_FROM_OFFICIAL[layout](np.asarray(array)))
+
+
+def _from_file(path, read):
+    """``read(state)`` of the state dict stored at ``path`` (``read_state``). A file holding no
+    dict is refused, and a ``ValueError`` about the content names the file."""
+    state = read_state(path)
+    if not isinstance(state, dict):
+        raise WeightsFileError(path, file_format(path), f"it holds a {type(state).__name__}, not a state dict.")
+    try:
+        return read(state)
+    except ValueError as error:
+        raise ValueError(f"'{path}': {error}") from error
 
 
 def _to_numpy(value):
@@ -201,13 +214,16 @@ def load_official(model, source, *, part="teacher", strict=True, interpolate_pos
     picks ``teacher`` or ``student`` of a training checkpoint). A ``pos_embed`` trained at
     another resolution is resized to the model's ``image_size`` the official way
     (``interpolate_pos_embed``).
-    Returns a ``LoadReport``. Raises ``ValueError`` listing every mismatch.
+    Returns a ``LoadReport``. Raises ``ValueError`` listing every mismatch (naming the file
+    when ``source`` is a path), ``FileNotFoundError`` or ``state_files.WeightsFileError`` for a
+    file that cannot be read.
     """
     from ibot_keras.models.ibot import IBOT
     from ibot_keras.models.vit import VisionTransformer
 
     if isinstance(source, (str, os.PathLike)):
-        source = read_state(source)
+        return _from_file(source, functools.partial(load_official, model, part=part, strict=strict,
+                                                    interpolate_pos_embed=interpolate_pos_embed, optimizer=optimizer))
     epoch = source.get("epoch") if isinstance(source.get("epoch"), (int, np.integer)) else None
     if isinstance(model, IBOT):
         for name in ("student", "teacher"):
@@ -430,7 +446,8 @@ def backbone_from_official(source, *, part="teacher", num_heads=None, image_size
     trained one) resizes the position table the official way.
     """
     if isinstance(source, (str, os.PathLike)):
-        source = read_state(source)
+        return _from_file(source, functools.partial(backbone_from_official, part=part, num_heads=num_heads,
+                                                    image_size=image_size, strict=strict, **kwargs))
     state, _ = select_backbone_state(source, part)
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
         if key not in state:

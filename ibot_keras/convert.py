@@ -15,6 +15,9 @@ Examples::
     python -m ibot_keras.convert checkpoint.pth teacher_backbone.safetensors
     python -m ibot_keras.convert dino_vitsmall16_pretrain.pth vits16.keras --image_size 384
     python -m ibot_keras.convert vits16.keras vits16_hub.keras --keras_hub --image_size 224
+
+On any failure (a bad path, format or option, a file that cannot be read) it prints one line,
+``convert: error: <what is wrong>``, and exits with code 2.
 """
 
 import argparse
@@ -22,27 +25,56 @@ import pathlib
 import sys
 
 from ibot_keras import checkpoint
-from ibot_keras.state_files import file_format, read_state, write_state
+from ibot_keras.state_files import WeightsFileError, check_file, file_format, read_state, write_state
 
 
 def _load_keras(path, part):
     import keras
 
     from ibot_keras.models.ibot import IBOT
+    from ibot_keras.models.vit import VisionTransformer
 
-    model = keras.saving.load_model(path, compile=False)
+    check_file(path, ".keras")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise WeightsFileError(path, ".keras", f"Keras could not load it ({detail}).") from error
     if isinstance(model, IBOT):
         if part == "all":
             return model
         return model.teacher_backbone if part == "teacher" else model.student_backbone
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"'{path}' holds a {type(model).__name__}; convert reads a VisionTransformer or an IBOT model."
+        )
     return model
+
+
+def _check_arguments(src, dst, part, num_heads, image_size, keras_hub):
+    """Refuse bad paths and options before any file is read."""
+    if src.suffix != ".keras":
+        file_format(src)
+    if dst.suffix != ".keras":
+        file_format(dst)
+        if keras_hub:
+            raise ValueError(f"--keras_hub writes a .keras file; DST '{dst}' is not one.")
+    elif part == "all" and src.suffix != ".keras":
+        raise ValueError("--part all converts between state-dict files; a .keras DST holds one backbone.")
+    for name, value in (("--num_heads", num_heads), ("--image_size", image_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value}.")
+    if src.resolve() == dst.resolve():
+        raise ValueError("SRC and DST are the same file.")
+    if not src.is_file():
+        raise FileNotFoundError(f"SRC '{src}' " + ("is a directory." if src.is_dir() else "does not exist."))
 
 
 def convert(src, dst, *, part="teacher", num_heads=None, image_size=None, keras_hub=False, include_mask_token=True, strict=True):
     """Convert ``src`` to ``dst`` (formats from the suffixes; see the module docstring)."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
-    if src.resolve() == dst.resolve():
-        raise ValueError("SRC and DST are the same file.")
+    _check_arguments(src, dst, part, num_heads, image_size, keras_hub)
     if src.suffix == ".keras":
         model = _load_keras(src, part)
     elif part == "all":
@@ -54,8 +86,6 @@ def convert(src, dst, *, part="teacher", num_heads=None, image_size=None, keras_
         )
 
     if dst.suffix == ".keras":
-        if part == "all" and model is None:
-            raise ValueError("--part all converts between state-dict files; a .keras DST holds one backbone.")
         if keras_hub:
             from ibot_keras.keras_hub_export import to_keras_hub
 
@@ -65,12 +95,14 @@ def convert(src, dst, *, part="teacher", num_heads=None, image_size=None, keras_
             model = checkpoint.backbone_from_official(
                 checkpoint.export_official(model), num_heads=model.num_heads, image_size=image_size
             )
+        dst.parent.mkdir(parents=True, exist_ok=True)
         model.save(dst)
         return dst
-    file_format(dst)  # a clear error for an unknown suffix before any work
     if part == "all":
         if model is not None:
             state = checkpoint.export_official(model)
+        if not isinstance(state, dict):
+            raise WeightsFileError(src, file_format(src), f"it holds a {type(state).__name__}, not a state dict.")
         wanted = {key: state[key] for key in ("student", "teacher", "ibot_loss", "epoch") if key in state}
         missing = {"student", "teacher"} - set(wanted)
         if missing:
@@ -79,8 +111,18 @@ def convert(src, dst, *, part="teacher", num_heads=None, image_size=None, keras_
     return checkpoint.save_official(model, dst, include_mask_token=include_mask_token)
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage too, over several lines
+        raise _UsageError(f"{message} (see --help)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    """The command line; returns 0 on success, exits with code 2 and one line on stderr on failure."""
+    parser = _Parser(
         prog="python -m ibot_keras.convert",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -97,8 +139,8 @@ def main(argv=None):
                         help="leave out masked_embed (timm's load_state_dict(strict=True) rejects it)")
     parser.add_argument("--non_strict", action="store_true",
                         help="load matching keys only; missing/unexpected keys are reported, not fatal")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         out = convert(
             args.src,
             args.dst,
@@ -109,9 +151,11 @@ def main(argv=None):
             include_mask_token=not args.no_mask_token,
             strict=not args.non_strict,
         )
-    except (ValueError, ImportError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        known = isinstance(error, (_UsageError, ValueError, TypeError, ImportError, OSError))
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"convert: error: {message if known else f'{type(error).__name__}: {message}'}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {out}")
     return 0
 

@@ -117,6 +117,15 @@ class BlockMasking:
             return rng.uniform(self.pred_ratio - self.pred_ratio_var, self.pred_ratio + self.pred_ratio_var)
         return self.pred_ratio
 
+    def max_masked_patches(self, num_patches):
+        """The most patches one crop of ``num_patches`` can have masked:
+        ``floor(max(pred_ratio + pred_ratio_var) * num_patches)``."""
+        if isinstance(self.pred_ratio, list):
+            highest = max(r + v for r, v in zip(self.pred_ratio, self.pred_ratio_var))
+        else:
+            highest = self.pred_ratio + self.pred_ratio_var
+        return min(int(num_patches), int(highest * num_patches))
+
     def _block_mask(self, rows, cols, target):
         rng = self._random
         mask = np.zeros((rows, cols), dtype=bool)

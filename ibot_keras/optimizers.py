@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from ibot_keras import backend_specific
+
 
 @keras.saving.register_keras_serializable(package="ibot_keras")
 class IBOTAdamW(keras.optimizers.Optimizer):
@@ -23,6 +25,12 @@ class IBOTAdamW(keras.optimizers.Optimizer):
 
     ``learning_rate`` and ``weight_decay`` may be floats or schedules of the step (e.g.
     ``ibot_keras.schedules.CosineSchedule``).
+
+    ``skip_nonfinite`` (default True): when any gradient holds a NaN or inf (on any
+    data-parallel replica), the whole update is skipped: no weight, moment or step count
+    changes, and ``update_skipped`` reads 1 until the next finite step. ``iterations`` still
+    advances, so the lr / weight-decay / freeze schedules keep to the step (as a skipped float16
+    step does). With finite gradients the update is unchanged.
     """
 
     def __init__(
@@ -34,6 +42,7 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         epsilon=1e-8,
         clip_grad=3.0,
         freeze_steps=0,
+        skip_nonfinite=True,
         name="ibot_adamw",
         **kwargs,
     ):
@@ -49,7 +58,13 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         self.epsilon = float(epsilon)
         self.clip_grad = float(clip_grad or 0.0)
         self.freeze_steps = int(freeze_steps)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self._frozen_keys = set()
+
+    @property
+    def learning_rate_schedule(self):
+        """The learning rate as given: a schedule of the step, or a float."""
+        return self._learning_rate
 
     def freeze_variables(self, variables):
         """Variables that get no update while ``iterations < freeze_steps``."""
@@ -65,6 +80,28 @@ class IBOTAdamW(keras.optimizers.Optimizer):
             self.add_variable(shape=(), dtype="float32", name=f"{v.path.replace('/', '_')}_step")
             for v in var_list
         ]
+        self.update_skipped = self.add_variable(
+            shape=(), dtype="int32", name="update_skipped", aggregation="only_first_replica"
+        )
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.skip_nonfinite:
+            return super().apply(grads, trainable_variables)
+        grads = list(grads)
+        present = [g for g in grads if g is not None]
+        if not present:
+            return super().apply(grads, trainable_variables)
+        finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in present]))
+        # Every replica must take the same decision (TensorFlow reduces the gradients later).
+        any_bad = backend_specific.cross_replica_mean(ops.cast(ops.logical_not(finite), "float32")) > 0
+        # A skipped step reaches update_step as all-NaN gradients: that is the one signal that
+        # survives into each variable's update on every backend (TensorFlow updates each
+        # variable in its own cross-replica call).
+        poison = ops.where(any_bad, float("nan"), 1.0)
+        grads = [None if g is None else g * ops.cast(poison, g.dtype) for g in grads]
+        result = super().apply(grads, trainable_variables)
+        self.update_skipped.assign(ops.cast(any_bad, "int32"))
+        return result
 
     @staticmethod
     def uses_weight_decay(variable):
@@ -88,6 +125,7 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         count = ops.convert_to_tensor(count_var)
         dtype = variable.dtype
         grad = ops.cast(gradient, dtype)
+        finite = ops.all(ops.isfinite(grad)) if self.skip_nonfinite else None
         if self.clip_grad > 0:
             norm = ops.sqrt(ops.sum(ops.square(grad)))
             coef = self.clip_grad / (norm + 1e-6)
@@ -107,8 +145,12 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         denom = ops.sqrt(new_v) / bias_correction2_sqrt + self.epsilon
         new_p = new_p - (lr / bias_correction1) * new_m / denom
 
+        active = None
         if self._var_key(variable) in self._frozen_keys and self.freeze_steps > 0:
             active = self.iterations >= self.freeze_steps
+        if finite is not None:
+            active = finite if active is None else ops.logical_and(active, finite)
+        if active is not None:
             new_p = ops.where(active, new_p, param)
             new_m = ops.where(active, new_m, momentum)
             new_v = ops.where(active, new_v, velocity)
@@ -130,5 +172,6 @@ class IBOTAdamW(keras.optimizers.Optimizer):
             epsilon=self.epsilon,
             clip_grad=self.clip_grad,
             freeze_steps=self.freeze_steps,
+            skip_nonfinite=self.skip_nonfinite,
         )
         return config

@@ -8,16 +8,97 @@ numbers (``epoch``) go into ``.npz`` as 0-d arrays and into the ``.safetensors``
 ``.pth`` needs torch and ``.safetensors`` needs the ``safetensors`` package; both are read
 without importing the Keras backend's framework, so a JAX user can read a ``.pth`` as long as
 torch is installed.
+
+A file that cannot be read raises ``WeightsFileError`` (a ``ValueError``) naming the path, the
+format and what is wrong; a missing one ``FileNotFoundError``.
 """
 
 import argparse
 import os
 import pathlib
+import struct
+import zipfile
 
 import numpy as np
 
 FORMATS = (".pth", ".pt", ".npz", ".safetensors")
 _NEST = "/"
+_DESCRIBE = {
+    ".pth": "a PyTorch checkpoint (.pth)",
+    ".npz": "a NumPy archive (.npz)",
+    ".safetensors": "a safetensors file (.safetensors)",
+    ".keras": "a Keras model file (.keras)",
+}
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read; the message names the path, the format and the fault.
+    ``path`` and ``format`` (``".pth"``, ``".npz"``, ``".safetensors"``, ``".keras"``) say which."""
+
+    def __init__(self, path, format, problem):
+        super().__init__(f"Cannot read '{path}' as {_DESCRIBE.get(format, format)}: {problem}")
+        self.path, self.format = str(path), format
+
+
+def _summary(error):
+    """``Type: first line`` of a library error (torch's and Keras' run over many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
+def check_file(path, kind):
+    """Raise ``FileNotFoundError`` / ``WeightsFileError`` when ``path`` is plainly not a readable
+    ``kind`` file (missing, a directory, empty, text, a Git LFS pointer, the wrong magic bytes,
+    a truncated zip archive or safetensors header). Reads the first bytes only."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint file at '{path}'.")
+    if path.is_dir():
+        raise WeightsFileError(path, kind, "it is a directory, not a file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsFileError(path, kind, "empty file (0 bytes); was it written completely?")
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise WeightsFileError(path, kind, "it is a Git LFS pointer, not the file itself: run `git lfs pull`.")
+    zipped = head.startswith(b"PK")
+    problem = None
+    if kind == ".safetensors":
+        problem = _safetensors_problem(head, size)
+    elif kind == ".pth" and head[:1] == b"\x80":
+        pass  # torch's legacy (pickle) format
+    elif zipped:  # .npz, torch's .pth and .keras are zip archives; the directory is at the end
+        if not zipfile.is_zipfile(path):
+            problem = f"truncated or corrupt zip archive ({size} bytes, no zip directory at its end)."
+    elif kind == ".npz" and head.startswith(b"\x93NUMPY"):
+        problem = "it holds one .npy array, not a .npz archive of named arrays (save with np.savez)."
+    else:
+        expected = "a zip archive" + (" or a pickle" if kind == ".pth" else "")
+        problem = f"not {expected} ({size} bytes{_starts_with(head)})."
+    if problem:
+        raise WeightsFileError(path, kind, problem)
+
+
+def _starts_with(head):
+    text = head[:32]
+    if text and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in text):
+        return f", text starting {text.decode('ascii')!r}"
+    return f", starting {head[:8]!r}"
+
+
+def _safetensors_problem(head, size):
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then
+    the header ``{...}``."""
+    if size < 10:
+        return f"only {size} bytes, shorter than a safetensors header."
+    length = struct.unpack("<Q", head[:8])[0]
+    if head[8:9] != b"{":
+        return f"not a safetensors file (no JSON header after the 8-byte length; {size} bytes{_starts_with(head)})."
+    if 8 + length > size:
+        return f"truncated: its header alone claims {length} bytes, the file has {size}."
+    return None
 
 
 def file_format(path):
@@ -88,18 +169,39 @@ def read_state(path):
     """The state stored in ``path`` as (possibly nested) dicts of NumPy arrays.
 
     ``.pth`` files are opened with ``torch.load(weights_only=True)``, allowing the
-    ``argparse.Namespace`` that official training checkpoints keep under ``args``.
+    ``argparse.Namespace`` that official training checkpoints keep under ``args``. Raises
+    ``FileNotFoundError`` for a missing file and ``WeightsFileError`` for one that cannot be read.
     """
     path = pathlib.Path(path)
     kind = file_format(path)
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint file at '{path}'.")
+    if kind == ".pth":
+        _require("torch", ".pth", "torch")
+    elif kind == ".safetensors":
+        _require("safetensors", ".safetensors", "safetensors")
+    check_file(path, kind)
+    try:
+        return _read(path, kind)
+    except Exception as error:
+        if "Weights only load failed" in str(error):
+            problem = (
+                f"torch.load(weights_only=True) refused it ({_summary(error)}); only tensors, numbers, "
+                "containers and argparse.Namespace are read."
+            )
+        elif "allow_pickle" in str(error):
+            problem = "it holds Python objects (pickled), which are not read; store plain arrays."
+        else:
+            problem = f"truncated or corrupt ({_summary(error)})."
+        raise WeightsFileError(path, kind, problem) from error
+
+
+def _read(path, kind):
     if kind == ".npz":
         with np.load(path, allow_pickle=False) as data:
             flat = {key: data[key] for key in data.files}
         return _nest({key: (value.item() if value.ndim == 0 and key == "epoch" else value) for key, value in flat.items()})
     if kind == ".safetensors":
-        _require("safetensors", ".safetensors", "safetensors")
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as handle:
@@ -109,7 +211,8 @@ def read_state(path):
         if "epoch" in metadata:
             state["epoch"] = int(metadata["epoch"])
         return state
-    torch = _require("torch", ".pth", "torch")
+    import torch
+
     with torch.serialization.safe_globals([argparse.Namespace]):
         state = torch.load(path, map_location="cpu", weights_only=True)
     return _convert_tree(state)

@@ -12,14 +12,17 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from ibot_keras.data.sources import to_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_pil(image):
-    """``(H, W, 3)``/``(H, W)`` uint8 array or PIL image -> RGB PIL image (grey/RGBA converted)."""
+    """``(H, W, 3)``/``(H, W)`` uint8 array or PIL image -> RGB PIL image (grey/RGBA converted;
+    a PIL image of another mode as ``sources.to_rgb`` reads it, e.g. 16-bit grey by its high byte)."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image)
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"Images must be uint8 arrays (0..255); got dtype {array.dtype}.")

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ibot_keras.data.augment import MultiCropAugmentation
-from ibot_keras.data.sources import ArraySource, ImageFolderSource
+from ibot_keras.data.sources import ArraySource, ImageFolderSource, UnreadableImageError
 from ibot_keras.masking import BlockMasking
 
 # What reading an image can raise for a bad file: truncated or corrupt data, an unknown
@@ -109,7 +109,9 @@ class BatchMaker:
             try:
                 image = self.source[candidate]
             except READ_ERRORS as error:
-                first_error = first_error or f"{type(error).__name__}: {error}"
+                if first_error is None:  # the warning names the file: UnreadableImageError's reason only
+                    unreadable = isinstance(error, UnreadableImageError)
+                    first_error = error.reason if unreadable else f"{type(error).__name__}: {error}"
                 continue
             if attempt:
                 replaced.append((index, candidate, first_error))

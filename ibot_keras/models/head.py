@@ -1,5 +1,7 @@
 """The iBOT projection head: MLP -> L2 normalisation -> weight-normalised prototypes."""
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -12,6 +14,15 @@ _ACTIVATIONS = {
     "relu": ops.relu,
 }
 _NORMS = (None, "ln")
+SUPPORTED_NORMS = _NORMS
+SUPPORTED_ACTIVATIONS = tuple(sorted(_ACTIVATIONS))
+
+
+def _positive_int(name, value, why=""):
+    """``value`` as an int >= 1 (a whole float is accepted), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 1:
+        raise ValueError(f"IBOTHead: {name}={value!r} is not allowed: must be an integer >= 1{why}.")
+    return int(value)
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
@@ -61,19 +72,19 @@ class IBOTHead(keras.layers.Layer):
             )
         if act not in _ACTIVATIONS:
             raise ValueError(f"act={act!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
-        if bottleneck_dim < 1:
-            raise ValueError("bottleneck_dim must be >= 1 (the no-bottleneck head is not implemented).")
-        self.out_dim = int(out_dim)
+        self.out_dim = _positive_int("out_dim", out_dim, " (the number of [CLS] prototypes)")
         self.shared_head = bool(shared_head)
-        self.patch_out_dim = self.out_dim if (shared_head or patch_out_dim is None) else int(patch_out_dim)
-        self.requested_patch_out_dim = None if patch_out_dim is None else int(patch_out_dim)
-        self.hidden_dim = int(hidden_dim)
-        self.bottleneck_dim = int(bottleneck_dim)
-        self.num_layers = max(int(num_layers), 1)
+        self.requested_patch_out_dim = None if patch_out_dim is None else _positive_int("patch_out_dim", patch_out_dim)
+        self.patch_out_dim = self.out_dim if (shared_head or patch_out_dim is None) else self.requested_patch_out_dim
+        self.hidden_dim = _positive_int("hidden_dim", hidden_dim)
+        self.bottleneck_dim = _positive_int(
+            "bottleneck_dim", bottleneck_dim, " (the no-bottleneck head is not implemented)"
+        )
+        self.num_layers = _positive_int("num_layers", num_layers, " (1 is a single Linear to bottleneck_dim)")
         self.norm = norm
         self.act = act
         self.norm_last_layer = bool(norm_last_layer)
-        self.in_dim = None if in_dim is None else int(in_dim)
+        self.in_dim = None if in_dim is None else _positive_int("in_dim", in_dim)
 
         # (official index in the nn.Sequential, layer); activations have no weights.
         mlp = []

@@ -7,6 +7,7 @@ from keras import ops
 
 from ibot_keras import backend_specific, resume
 from ibot_keras.backend_specific import PostOptimizerStep
+from ibot_keras.callbacks import NonFiniteStop
 from ibot_keras.losses import IBOTLoss, koleo_loss
 from ibot_keras.metrics import LastValue
 from ibot_keras.models.head import IBOTHead
@@ -49,11 +50,23 @@ class IBOT(PostOptimizerStep, keras.Model):
     patches loses the excess from the patch loss and counts it in the ``masked_dropped``
     metric. ``None`` computes all positions.
 
+    ``global_crop_size`` (``build_pretrainer`` sets it from the config): training batches must
+    have global crops of that size, for which ``max_masked_patches`` was derived.
+
     ``koleo_loss_weight`` (default 0, as iBOT): adds that times DINOv2's KoLeo term
     (``ibot_keras.losses.koleo_loss``) on the student's final-norm [CLS] of each global crop,
     averaged over the crops, and logs it as ``koleo``. Under data parallelism on TensorFlow and
     torch the nearest neighbours are searched within each replica's shard (as DINOv2 does per
     GPU); on JAX within the global batch.
+
+    Non-finite steps (a NaN or inf in the loss or any gradient, e.g. from one NaN pixel) are
+    skipped: no weight, teacher, center or optimizer slot changes, and its non-finite values
+    stay out of the logged metrics; the step counter still advances (that batch is consumed). ``skipped_steps`` (the run's total) and
+    ``consecutive_skips`` are model variables, saved with the weights, and logged. With
+    ``max_consecutive_skips`` > 0, ``fit`` stops with a ``NonFiniteTrainingError`` naming the
+    epoch and step once that many steps in a row were skipped (0: never). Skipping needs
+    ``IBOTAdamW`` (the default optimizer) or a ``LossScaleOptimizer``; another optimizer
+    applies whatever it is given.
     """
 
     def __init__(
@@ -67,6 +80,8 @@ class IBOT(PostOptimizerStep, keras.Model):
         momentum_teacher=0.996,
         max_masked_patches=None,
         koleo_loss_weight=0.0,
+        max_consecutive_skips=25,
+        global_crop_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -88,6 +103,13 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.koleo_loss_weight = float(koleo_loss_weight)
         if self.koleo_loss_weight < 0:
             raise ValueError(f"koleo_loss_weight must be >= 0, got {koleo_loss_weight}.")
+        if isinstance(max_consecutive_skips, bool) or int(max_consecutive_skips) != max_consecutive_skips \
+                or max_consecutive_skips < 0:
+            raise ValueError(
+                f"max_consecutive_skips must be an integer >= 0 (0: never stop), got {max_consecutive_skips!r}."
+            )
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.global_crop_size = None if global_crop_size is None else int(global_crop_size)
         self.epochs = ibot_loss.epochs
         self.num_global_crops = ibot_loss.num_global_crops
         self.num_local_crops = ibot_loss.num_local_crops
@@ -112,6 +134,12 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.teacher_temp_override = self._override("teacher_temp_override")
         self.teacher_patch_temp_override = self._override("teacher_patch_temp_override")
         self.momentum_override = self._override("momentum_override")
+        self.skipped_steps = self.add_weight(
+            name="skipped_steps", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+        self.consecutive_skips = self.add_weight(
+            name="consecutive_skips", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
         self.cls_tracker = keras.metrics.Mean(name="cls")
         self.patch_tracker = keras.metrics.Mean(name="patch")
         self.lr_tracker = LastValue(name="lr")
@@ -126,6 +154,8 @@ class IBOT(PostOptimizerStep, keras.Model):
         # Masked positions beyond max_masked_patches (their patch loss is lost): must stay 0.
         self.masked_dropped_tracker = keras.metrics.Sum(name="masked_dropped")
         self.koleo_tracker = keras.metrics.Mean(name="koleo")
+        self.skipped_tracker = LastValue(name="skipped_steps")
+        self.consecutive_tracker = LastValue(name="consecutive_skips")
         self._ema_pairs = self._pair_teacher_with_student()
         self.copy_student_to_teacher()
         self.built = True
@@ -224,6 +254,9 @@ class IBOT(PostOptimizerStep, keras.Model):
         (``MultiCropLoader``) gets its epoch set at the start of every epoch, as the official
         loop does, and keeps its own per-epoch order (Keras would otherwise shuffle the batch
         order with a random state that no checkpoint captures)."""
+        self.check_data(x, kwargs.get("batch_size"), kwargs.get("steps_per_epoch"))
+        if self.max_consecutive_skips:
+            callbacks = list(callbacks or []) + [NonFiniteStop(self.max_consecutive_skips)]
         if hasattr(x, "stream") and hasattr(x, "total_steps"):
             if args:
                 raise ValueError("fit(pipeline, ...) takes keyword arguments only (epochs=..., callbacks=...).")
@@ -263,6 +296,15 @@ class IBOT(PostOptimizerStep, keras.Model):
                 f"'{key}' must be (B, {'ng' if kind == 'Global' else 'nl'}, H, W, {channels}) "
                 f"channels-last; got shape {shape}."
             )
+        if any(d is None for d in shape[1:]):
+            raise ValueError(
+                f"'{key}' has shape {shape}: the crop count and size must be known when the step is "
+                "traced. On TensorFlow this happens when the batches of one fit call differ in crop "
+                "size (Keras then retraces with unknown sizes): keep the crop sizes fixed within a fit "
+                "call (one Pipeline / loader per size)."
+            )
+        if shape[0] == 0:
+            raise ValueError(f"'{key}' holds an empty batch (B=0); every batch needs at least one image.")
         if shape[1] != count:
             raise ValueError(
                 f"'{key}' has {shape[1]} crops per image but the model was configured with "
@@ -270,9 +312,16 @@ class IBOT(PostOptimizerStep, keras.Model):
             )
         if shape[2] % p or shape[3] % p:
             raise ValueError(f"{kind} crop size {shape[2]}x{shape[3]} is not a multiple of patch_size={p}.")
+        dtype = keras.backend.standardize_dtype(crops.dtype)
+        if not dtype.startswith(("float", "bfloat")):
+            raise TypeError(
+                f"'{key}' has dtype {dtype}; crops must be floating point, normalised with the ImageNet "
+                "mean and std as the official transform does (build_pipeline / MultiCropAugmentation "
+                "make them): (x / 255 - mean) / std."
+            )
         return shape[2] // p, shape[3] // p
 
-    def _unpack(self, inputs):
+    def _unpack(self, inputs, training=False):
         if not isinstance(inputs, dict):
             raise ValueError(
                 "IBOT expects a dict batch with 'global_crops' (B, ng, H, W, C), 'local_crops' "
@@ -286,6 +335,14 @@ class IBOT(PostOptimizerStep, keras.Model):
         global_crops = inputs["global_crops"]
         ng, nl, p = self.num_global_crops, self.num_local_crops, self.student_backbone.patch_size
         rows, cols = self._check_crops("global_crops", "Global", global_crops, ng, "global_crops_number")
+        size = self.global_crop_size
+        if training and size is not None and (rows * p, cols * p) != (size, size):
+            raise ValueError(
+                f"The global crops are {rows * p}x{cols * p} but the model was configured with "
+                f"global_crop_size={size} (its max_masked_patches={self.max_masked_patches} was derived "
+                f"for {size}-px crops). Build the pretrainer with global_crop_size={rows * p}, or make "
+                f"{size}-px crops (build_pipeline(config, ...) uses the config's sizes)."
+            )
         masks = inputs.get("masks")
         if masks is None:
             masks = ops.zeros((ops.shape(global_crops)[0], ng, rows, cols), "bool")
@@ -294,6 +351,13 @@ class IBOT(PostOptimizerStep, keras.Model):
                 f"'masks' must be (B, {ng}, {rows}, {cols}) for {rows * p}x{cols * p} global crops "
                 f"with patch_size={p}; got shape {tuple(masks.shape)}."
             )
+        elif training:  # (Keras' build call under tf.distribute averages uint8 masks to float)
+            mask_dtype = keras.backend.standardize_dtype(masks.dtype)
+            if mask_dtype != "bool" and not mask_dtype.startswith(("int", "uint")):
+                raise TypeError(
+                    f"'masks' has dtype {mask_dtype}; masks must be bool (True = masked) or 0/1 integers "
+                    "(a float mask would be read as True wherever it is not exactly 0)."
+                )
         masks = ops.cast(masks, "bool")
         local_crops = inputs.get("local_crops")
         if nl:
@@ -309,6 +373,65 @@ class IBOT(PostOptimizerStep, keras.Model):
             )
         return global_crops, (local_crops if nl else None), masks
 
+    def check_data(self, x, batch_size=None, steps_per_epoch=None):
+        """Host-side checks of training data against the model, before ``fit`` traces a step.
+
+        Raises when masks can exceed ``max_masked_patches`` (their patch loss would be lost) or
+        are not 0/1; warns (once per model) when an epoch of ``x`` is not ``steps_per_epoch``
+        batches (the schedules would run at another pace) or float crops look like 0-255
+        pixels. ``x``: a ``Pipeline``, a loader with ``maker``, or a dict of arrays."""
+        maker = getattr(x, "maker", None)
+        if maker is not None:
+            grid = maker.grid
+            most = maker.masking.max_masked_patches(grid * grid)
+            self._check_mask_count(most, f"the data's masking (pred_ratio {maker.masking.pred_ratio}, "
+                                         f"pred_ratio_var {maker.masking.pred_ratio_var})")
+            if not hasattr(x, "stream"):  # fit_pipeline checks a Pipeline's epochs itself
+                self._warn_length(len(x) if steps_per_epoch is None else steps_per_epoch, "len(data)")
+            return
+        if isinstance(x, dict) and all(hasattr(v, "shape") and not keras.ops.is_tensor(v) for v in x.values()):
+            import numpy as np
+
+            masks = x.get("masks")
+            if masks is not None and masks.size:
+                masks = np.asarray(masks)
+                if masks.dtype != bool and not np.isin(masks, (0, 1)).all():
+                    raise ValueError("'masks' holds values other than 0 and 1; masks must be bool or 0/1 integers.")
+                per_crop = masks.reshape(masks.shape[0] * masks.shape[1], -1).astype(bool).sum(axis=1)
+                self._check_mask_count(int(per_crop.max()), "the 'masks' given")
+            crops = np.asarray(x.get("global_crops", np.zeros((0,))))
+            if crops.size and np.issubdtype(crops.dtype, np.floating) and float(np.nanmax(crops)) > 20:
+                self._warn_once(
+                    "range", f"'global_crops' reach {float(np.nanmax(crops)):.0f}: crops should be normalised "
+                    "with the ImageNet mean and std (about -2.1 to 2.6), not 0-255 pixels."
+                )
+            if crops.ndim and batch_size and steps_per_epoch is None:
+                self._warn_length(-(-crops.shape[0] // int(batch_size)), f"ceil({crops.shape[0]} / batch_size)")
+
+    def _check_mask_count(self, most, what):
+        cap = self.max_masked_patches
+        if cap is not None and most > cap:
+            raise ValueError(
+                f"{what} can mask {most} patches of a global crop, but the model computes the patch loss "
+                f"at max_masked_patches={cap} positions: the excess would be lost. Build the pretrainer "
+                "with the same pred_ratio / pred_ratio_var and global_crop_size as the data."
+            )
+
+    def _warn_length(self, length, what):
+        if length != self.steps_per_epoch:
+            self._warn_once(
+                "length", f"An epoch of this data is {length} batches ({what}) but the model was built with "
+                f"steps_per_epoch={self.steps_per_epoch}: the lr, weight-decay, momentum and temperature "
+                f"schedules assume {self.steps_per_epoch}. Build with steps_per_epoch={length} to train "
+                "on the official schedules."
+            )
+
+    def _warn_once(self, key, message):
+        warned = self.__dict__.setdefault("_data_warnings", set())
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
     # -- forward ----------------------------------------------------------------------------
     def call(self, inputs, training=False):
         """Teacher and student outputs for the loss (batch-first).
@@ -320,7 +443,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         nothing else, so the result is the same as with all ``N`` positions, for about half
         the head cost. Otherwise (inference, or no cap) all ``N`` positions are returned.
         """
-        global_crops, local_crops, masks = self._unpack(inputs)
+        global_crops, local_crops, masks = self._unpack(inputs, training)
         batch = ops.shape(global_crops)[0]
         ng, nl = self.num_global_crops, self.num_local_crops
         _, _, height, width, channels = global_crops.shape
@@ -427,7 +550,8 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.momentum_tracker.update_state(1.0 - self.teacher_momentum_one_minus(step))
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         if inner is not None:
-            self.lr_tracker.update_state(_schedule_value(inner._learning_rate, step))
+            schedule = getattr(inner, "learning_rate_schedule", None)
+            self.lr_tracker.update_state(_schedule_value(inner.learning_rate if schedule is None else schedule, step))
             wd = getattr(inner, "weight_decay_value", getattr(inner, "weight_decay", None))
             if wd is not None:
                 self.wd_tracker.update_state(_schedule_value(wd, step))
@@ -436,6 +560,8 @@ class IBOT(PostOptimizerStep, keras.Model):
             koleo = koleo_loss(ops.swapaxes(y_pred["student_cls_features"], 0, 1))  # per crop, averaged
             self.koleo_tracker.update_state(metric(koleo))
             loss = loss + self.koleo_loss_weight * koleo
+        # A non-finite loss makes every gradient NaN (NaN * g), so the optimizer skips the step.
+        loss = loss * ops.stop_gradient(ops.where(ops.isfinite(loss), 1.0, float("nan")))
         # The global-batch mean loss; under data parallelism, scaled so that the gradients are
         # those of the global batch (not the replica count times them).
         return backend_specific.replica_loss(loss)
@@ -468,47 +594,77 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.prototype_usage_tracker.update_state(ops.mean(winners))
         return entropy
 
+    def _skip_trackers(self):
+        return (self.skipped_tracker, self.consecutive_tracker)
+
+    def _restored_metric_variables(self):
+        """Metric variables a skipped step leaves as they were (all but the skip counters)."""
+        excluded = {id(v) for tracker in self._skip_trackers() for v in tracker.variables}
+        return [v for v in self.metrics_variables if id(v) not in excluded]
+
     def step_snapshot_variables(self):
         """Variables whose pre-step values the train step hands to ``after_optimizer_step``:
-        the optimizer's iteration count and both centers."""
-        return [self.optimizer.iterations, self.ibot_loss.center, self.ibot_loss.patch_center]
+        the optimizer's iteration count, both centers and the metric variables."""
+        return [self.optimizer.iterations, self.ibot_loss.center, self.ibot_loss.patch_center,
+                *self._restored_metric_variables()]
 
-    def after_optimizer_step(self, snapshot=None):
-        """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step).
+    def step_applied(self, iterations_before):
+        """Whether the optimizer applied this step (a bool tensor; call after it ran).
 
-        ``snapshot``: the pre-step values of ``step_snapshot_variables()``. When the optimizer
-        did not count the step (a ``LossScaleOptimizer`` skips non-finite gradients, e.g. under
-        ``mixed_float16``), the centers get their pre-step values back and the teacher does not
-        move. Variables are float32 and no autocast scope is active here, so the EMA (``1 - m``
-        down to 1e-4) runs in float32 under any dtype policy.
+        False when a ``LossScaleOptimizer`` skipped it (``iterations`` did not advance) or
+        ``IBOTAdamW`` skipped non-finite gradients (its ``update_skipped``)."""
+        applied = ops.not_equal(ops.convert_to_tensor(self.optimizer.iterations), iterations_before)
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        skipped = getattr(inner, "update_skipped", None)
+        if skipped is not None:
+            applied = ops.logical_and(applied, ops.equal(ops.convert_to_tensor(skipped), 0))
+        return applied
+
+    def after_optimizer_step(self, snapshot):
+        """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step);
+        returns the step's logs.
+
+        ``snapshot``: the pre-step values of ``step_snapshot_variables()``. On a skipped step
+        (``step_applied`` False: non-finite loss or gradients, or a float16 overflow) the
+        centers and metrics get their pre-step values back, the teacher does not move and the
+        skip counters advance. As in the official code the iteration still counts for the
+        lr/wd/freeze schedules (the official ``it``), while the per-parameter Adam step counts
+        do not advance: Keras' loss-scale optimizer leaves ``iterations`` behind on a skipped
+        step, so catch it up. (Deviation: the official fp16 loop skips only the AdamW step and
+        still moves the centers and the teacher.) Variables are float32 and no autocast scope is
+        active here, so the EMA (``1 - m`` down to 1e-4) runs in float32 under any dtype policy.
         """
         step = ops.convert_to_tensor(self.step)
         one_minus_m = self.teacher_momentum_one_minus(step)
         momentum = 1.0 - one_minus_m
-        applied = None
-        if snapshot is not None:
-            iterations_before, center_before, patch_center_before = snapshot
-            iterations = ops.convert_to_tensor(self.optimizer.iterations)
-            applied = ops.not_equal(iterations, iterations_before)
-            # Deviation (the issue asks for it): the official fp16 loop skips only the AdamW
-            # step (GradScaler) and still moves the centers (in the loss) and the teacher.
-            # As there, the iteration still counts for the lr/wd/freeze schedules (the official
-            # `it`), while the per-parameter Adam step counts do not advance: Keras' loss-scale
-            # optimizer leaves `iterations` behind on a skipped step, so catch it up.
-            self.optimizer.iterations.assign(
-                ops.where(applied, iterations, iterations_before + ops.ones_like(iterations_before))
-            )
-            for variable, before in ((self.ibot_loss.center, center_before),
-                                     (self.ibot_loss.patch_center, patch_center_before)):
-                variable.assign(ops.where(applied, ops.convert_to_tensor(variable), before))
+        iterations_before, center_before, patch_center_before, *metrics_before = snapshot
+        applied = self.step_applied(iterations_before)
+        self.optimizer.iterations.assign(iterations_before + ops.ones_like(iterations_before))
+        for variable, before in ((self.ibot_loss.center, center_before),
+                                 (self.ibot_loss.patch_center, patch_center_before)):
+            variable.assign(ops.where(applied, ops.convert_to_tensor(variable), before))
+        # A skipped step whose logged values are not finite is left out of the epoch's metrics
+        # (a float16 overflow skip, with a finite loss, is still logged).
+        metric_variables = self._restored_metric_variables()
+        values = [ops.convert_to_tensor(v) for v in metric_variables]
+        all_finite = ops.all(ops.stack([ops.all(ops.isfinite(ops.cast(v, "float32"))) for v in values]))
+        keep = ops.logical_or(applied, all_finite)
+        for variable, value, before in zip(metric_variables, values, metrics_before):
+            variable.assign(ops.where(keep, value, before))
         for student_var, teacher_var in self._ema_pairs:
             student_value = ops.stop_gradient(ops.convert_to_tensor(student_var))
             teacher_value = ops.convert_to_tensor(teacher_var)
             new_value = teacher_value * momentum + student_value * one_minus_m
-            if applied is not None:
-                new_value = ops.where(applied, new_value, teacher_value)
-            teacher_var.assign(new_value)
+            teacher_var.assign(ops.where(applied, new_value, teacher_value))
+        missed = ops.cast(ops.logical_not(applied), "int32")
+        skipped = ops.convert_to_tensor(self.skipped_steps) + missed
+        consecutive = (ops.convert_to_tensor(self.consecutive_skips) + 1) * missed
+        self.skipped_steps.assign(skipped)
+        self.consecutive_skips.assign(consecutive)
+        self.skipped_tracker.update_state(skipped)
+        self.consecutive_tracker.update_state(consecutive)
         self.step.assign(step + 1)
+        return self.get_metrics_result()
 
     @property
     def metrics(self):
@@ -535,5 +691,7 @@ class IBOT(PostOptimizerStep, keras.Model):
             momentum_teacher=self.momentum_teacher,
             max_masked_patches=self.max_masked_patches,
             koleo_loss_weight=self.koleo_loss_weight,
+            max_consecutive_skips=self.max_consecutive_skips,
+            global_crop_size=self.global_crop_size,
         )
         return config

@@ -1,5 +1,8 @@
 """The iBOT Vision Transformer: mask token, official position interpolation, drop path."""
 
+import math
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
@@ -17,6 +20,13 @@ VIT_SIZES = {
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
 }
+
+
+def _positive_int(name, value):
+    """``value`` as an int >= 1 (a whole float is accepted), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 1:
+        raise ValueError(f"VisionTransformer: {name}={value!r} is not allowed: must be an integer >= 1.")
+    return int(value)
 
 
 @keras.saving.register_keras_serializable(package="ibot_keras")
@@ -51,17 +61,31 @@ class VisionTransformer(keras.Model):
         # Applied after the sublayers exist, so that trainable=False reaches them.
         trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
-        self.patch_size = int(patch_size)
-        self.embed_dim = int(embed_dim)
-        self.depth = int(depth)
-        self.num_heads = int(num_heads)
+        self.patch_size = _positive_int("patch_size", patch_size)
+        self.embed_dim = _positive_int("embed_dim", embed_dim)
+        self.depth = _positive_int("depth", depth)
+        self.num_heads = _positive_int("num_heads", num_heads)
         self.mlp_ratio = float(mlp_ratio)
         self.qkv_bias = bool(qkv_bias)
         self.drop_path_rate = float(drop_path_rate)
         self.use_mask_token = bool(use_mask_token)
-        self.image_size = int(image_size)
-        self.in_channels = int(in_channels)
+        self.image_size = _positive_int("image_size", image_size)
+        self.in_channels = _positive_int("in_channels", in_channels)
         self.seed = seed
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"VisionTransformer: embed_dim={embed_dim} is not divisible by num_heads={num_heads} "
+                "(each attention head takes embed_dim / num_heads channels)."
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(
+                f"VisionTransformer: drop_path_rate={drop_path_rate!r} is out of range: must be in [0, 1)."
+            )
+        if not (math.isfinite(self.mlp_ratio) and int(self.embed_dim * self.mlp_ratio) >= 1):
+            raise ValueError(
+                f"VisionTransformer: mlp_ratio={mlp_ratio!r} is not allowed: the MLP width "
+                f"int(embed_dim * mlp_ratio) must be >= 1."
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={image_size} is not a multiple of patch_size={patch_size}."
