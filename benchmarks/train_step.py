@@ -64,12 +64,13 @@ def _reset_peak_rss():
         pass
 
 
-def run_one(config_name, steps, warmup, jit_compile):
+def run_one(config_name, steps, warmup, jit_compile, policy=None):
     import keras
     import numpy as np
 
     settings = dict(CONFIGS[config_name])
-    policy = settings.pop("policy")
+    policy = settings.pop("policy") if policy is None else policy
+    settings.pop("policy", None)
     steps_per_epoch = settings.pop("steps_per_epoch")
     start_epoch = settings.pop("start_epoch")
     keras.config.set_dtype_policy(policy)
@@ -146,11 +147,12 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--jit_compile", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument("--policy", default=None, help="a Keras dtype policy instead of the config's")
     parser.add_argument("--json", action="store_true", help="one JSON object per backend")
     args = parser.parse_args()
 
     if args.backend != "all" and os.environ.get("KERAS_BACKEND") == args.backend:
-        result = run_one(args.config, args.steps, args.warmup, args.jit_compile)
+        result = run_one(args.config, args.steps, args.warmup, args.jit_compile, args.policy)
         print(json.dumps(result))
         return
     backends = ["jax", "torch", "tensorflow"] if args.backend == "all" else [args.backend]
@@ -159,6 +161,8 @@ def main():
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         command = [sys.executable, __file__, "--config", args.config, "--backend", backend,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--jit_compile", args.jit_compile]
+        if args.policy:
+            command += ["--policy", args.policy]
         out = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
         if out.returncode or not lines:

@@ -169,6 +169,9 @@ def train(args, parallel):
     summary = {"backend": keras.backend.backend(), "train_seconds": round(train_time, 1)}
     if pipeline.replaced_images:
         summary["unreadable_images"] = pipeline.replaced_images
+    skipped = int(keras.ops.convert_to_numpy(model.skipped_steps))
+    if skipped:
+        summary["skipped_nonfinite_steps"] = skipped
     if top1 is not None:
         pixels_top1 = knn_report(None, source, config.global_crop_size)
         summary.update(

@@ -300,8 +300,8 @@ class IBOT(PostOptimizerStep, keras.Model):
             raise ValueError(
                 f"'{key}' has shape {shape}: the crop count and size must be known when the step is "
                 "traced. On TensorFlow this happens when the batches of one fit call differ in crop "
-                "size (Keras then retraces with unknown sizes): keep the crop sizes fixed within a fit "
-                "call (one Pipeline / loader per size)."
+                "count or size (Keras then retraces with unknown sizes): keep the crop sizes fixed "
+                "within a fit call (one Pipeline / loader per size) and the crop counts those of the model."
             )
         if shape[0] == 0:
             raise ValueError(f"'{key}' holds an empty batch (B=0); every batch needs at least one image.")
@@ -403,7 +403,7 @@ class IBOT(PostOptimizerStep, keras.Model):
             if crops.size and np.issubdtype(crops.dtype, np.floating) and float(np.nanmax(crops)) > 20:
                 self._warn_once(
                     "range", f"'global_crops' reach {float(np.nanmax(crops)):.0f}: crops should be normalised "
-                    "with the ImageNet mean and std (about -2.1 to 2.6), not 0-255 pixels."
+                    "with the ImageNet mean and std (about -2.1 to 2.6), not 0-255 pixels.", stacklevel=4
                 )
             if crops.ndim and batch_size and steps_per_epoch is None:
                 self._warn_length(-(-crops.shape[0] // int(batch_size)), f"ceil({crops.shape[0]} / batch_size)")
@@ -420,17 +420,18 @@ class IBOT(PostOptimizerStep, keras.Model):
     def _warn_length(self, length, what):
         if length != self.steps_per_epoch:
             self._warn_once(
-                "length", f"An epoch of this data is {length} batches ({what}) but the model was built with "
+                "length", f"An epoch of this data is {length} batch{'es' if length != 1 else ''} ({what}) but "
+                "the model was built with "
                 f"steps_per_epoch={self.steps_per_epoch}: the lr, weight-decay, momentum and temperature "
                 f"schedules assume {self.steps_per_epoch}. Build with steps_per_epoch={length} to train "
-                "on the official schedules."
+                "on the official schedules.", stacklevel=5
             )
 
-    def _warn_once(self, key, message):
+    def _warn_once(self, key, message, stacklevel):
         warned = self.__dict__.setdefault("_data_warnings", set())
         if key not in warned:
             warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=stacklevel)
 
     # -- forward ----------------------------------------------------------------------------
     def call(self, inputs, training=False):

@@ -1,0 +1,113 @@
+"""The official iBOT training step and ours on every backend, back to back on this machine.
+
+    python benchmarks/side_by_side.py                      # fp32, then mixed_bfloat16 for ours
+    python benchmarks/side_by_side.py --no-bf16 --steps 6 --out results.json
+
+A speed figure is a ratio of two things run on the same machine in the same run: this command
+first times the unmodified official step (``../shared/official_ref/harness/bench_train_step.py``,
+or ``--official PATH``; fp32, as many threads as this machine has cores), then
+``benchmarks/train_step.py --config baseline-cpu`` per backend in float32 and (unless
+``--no-bf16``) ``mixed_bfloat16``, each in its own process, and prints images/s, the ratio to
+the official fp32 step, and peak RSS next to the official's. If the official harness is not
+there, it says so and prints ours alone. Figures from other machines or runs are not
+comparable: quote the CPU model and date printed at the top.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OFFICIAL = os.path.normpath(
+    os.path.join(HERE, os.pardir, os.pardir, "shared", "official_ref", "harness", "bench_train_step.py")
+)
+BACKENDS = ("jax", "torch", "tensorflow")
+
+
+def cpu_model():
+    """``lscpu``'s model name (else ``platform.processor()``)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def last_json(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def run_official(path, warmup, steps, threads):
+    command = [sys.executable, path, "--warmup", str(warmup), "--steps", str(steps), "--threads", str(threads), "--quiet"]
+    out = subprocess.run(command, capture_output=True, text=True)
+    result = last_json(out.stdout)
+    if out.returncode or result is None:
+        raise RuntimeError(f"the official harness failed:\n{out.stderr[-3000:]}")
+    return result
+
+
+def run_ours(backend, policy, warmup, steps):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    command = [sys.executable, os.path.join(HERE, "train_step.py"), "--config", "baseline-cpu", "--backend", backend,
+               "--policy", policy, "--warmup", str(warmup), "--steps", str(steps), "--json"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = last_json(out.stdout)
+    if out.returncode or result is None:
+        print(f"{backend} {policy}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", default=DEFAULT_OFFICIAL, help="the official harness script")
+    parser.add_argument("--backend", default="all", help="jax, torch, tensorflow or all")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the mixed_bfloat16 runs")
+    parser.add_argument("--out", help="also write every result as JSON to this file")
+    args = parser.parse_args()
+    backends = BACKENDS if args.backend == "all" else (args.backend,)
+    threads = os.cpu_count() or 1
+
+    print(f"{datetime.date.today()} · {cpu_model()} · {threads} cores · baseline-cpu (ViT-T/16, out_dim 8192, "
+          f"batch 8, 2 x 224 + 2 x 96): median of {args.steps} timed steps after {args.warmup} warm-up steps")
+    official = None
+    if os.path.isfile(args.official):
+        official = run_official(args.official, args.warmup, args.steps, threads)
+    else:
+        print(f"The official harness is not at {args.official} (pass --official PATH): ours alone, no ratios.")
+    rows = []
+    if official is not None:
+        rows.append({"name": "official (PyTorch)", "policy": "float32", "images_per_s": official["images_per_s"],
+                     "peak_rss_mb": official["peak_rss_mb"], "result": official})
+    policies = ("float32", "mixed_bfloat16") if args.bf16 else ("float32",)
+    for policy in policies:
+        for backend in backends:
+            result = run_ours(backend, policy, args.warmup, args.steps)
+            if result is not None:
+                rows.append({"name": f"ibot_keras {backend}", "policy": policy, "images_per_s": result["images_per_s"],
+                             "peak_rss_mb": result["peak_rss_mb"], "result": result})
+
+    print(f"{'':<22} {'policy':<15} {'images/s':>9} {'vs official fp32':>17} {'peak RSS MB':>12} {'RSS vs official':>16}")
+    for row in rows:
+        speed = rss = ""
+        if official is not None:
+            speed = f"{row['images_per_s'] / official['images_per_s']:.2f}x"
+            rss = f"{row['peak_rss_mb'] / official['peak_rss_mb']:.2f}x"
+        print(f"{row['name']:<22} {row['policy']:<15} {row['images_per_s']:>9.2f} {speed:>17} "
+              f"{row['peak_rss_mb']:>12.0f} {rss:>16}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": threads, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
