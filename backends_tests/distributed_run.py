@@ -134,9 +134,9 @@ def train(data, seed, distributed):
     # gradient scale), they show gradients that scale with the replica count.
     optimizer = model.optimizer
     for name, variable, _ in model.student_weights():
-        index = optimizer._get_variable_index(variable)
-        arrays[f"momentum:{name}"] = keras.ops.convert_to_numpy(optimizer._momentums[index])
-        arrays[f"velocity:{name}"] = keras.ops.convert_to_numpy(optimizer._velocities[index])
+        momentum, velocity, _ = optimizer.slots(variable)
+        arrays[f"momentum:{name}"] = keras.ops.convert_to_numpy(momentum)
+        arrays[f"velocity:{name}"] = keras.ops.convert_to_numpy(velocity)
     state = checkpoint.export_official(model)
     for part in ("student", "teacher"):
         for name, value in state[part].items():

@@ -44,7 +44,7 @@ def test_teacher_starts_as_a_copy_of_the_student_and_is_frozen():
     for name, var, _ in model.teacher_weights():
         np.testing.assert_array_equal(to_numpy(var), student[name])
     ema_names = {name for name, _, _ in model.teacher_weights()} & set(student)
-    assert len(model._ema_pairs) == len(ema_names) == len(student) - 1  # all but masked_embed
+    assert len(model.ema_pairs()) == len(ema_names) == len(student) - 1  # all but masked_embed
     assert "backbone.masked_embed" not in {n for n, _, _ in model.teacher_weights()}
 
 

@@ -207,9 +207,9 @@ def test_resume_with_other_schedule_settings_is_refused_by_name(model, other, tm
 # -- durability --------------------------------------------------------------------------------
 def test_every_rename_is_followed_by_a_directory_fsync(model, tmp_path, monkeypatch):
     events = []
-    replace, fsync_directory = os.replace, resume._fsync_directory
+    replace, fsync_directory = os.replace, resume.fsync_directory
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))), replace(a, b)))
-    monkeypatch.setattr(resume, "_fsync_directory", lambda d: (events.append(("fsync", str(d))), fsync_directory(d)))
+    monkeypatch.setattr(resume, "fsync_directory", lambda d: (events.append(("fsync", str(d))), fsync_directory(d)))
     save_at(model, tmp_path, 3, keep=True)
     renames = [i for i, event in enumerate(events) if event[0] == "replace"]
     assert [events[i][1] for i in renames] == ["checkpoint-0001.weights.h5", "checkpoint.json", "checkpoint0001.weights.h5"]

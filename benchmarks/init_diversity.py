@@ -1,6 +1,6 @@
 """How different do images look to the untrained network? Statistics at initialisation that
-decide whether DINO/iBOT's CLS objective has anything to start from (see README, "Measured
-figures"), for the ``examples/pretrain.py`` config given by its flags (digits defaults).
+decide whether DINO/iBOT's CLS objective has anything to start from (see
+benchmarks/RESULTS.md), for the ``examples/pretrain.py`` config given by its flags (digits defaults).
 
     python benchmarks/init_diversity.py                       # digits defaults
     python benchmarks/init_diversity.py --patch_size 8 --depth 12

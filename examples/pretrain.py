@@ -9,8 +9,8 @@ Flags are the official ``main_ibot.py`` names (every ``PretrainConfig`` field is
 processes). Re-running the same command with the same ``--output_dir`` resumes exactly where
 the last checkpoint left off (every epoch, and every ``--saveckp_steps`` steps if given). The defaults below are sized
 for the embedded scikit-learn digits (1,797 real 8x8 images) so a run finishes in minutes on
-two CPU cores, and three of them depart from the official recipe because digits need it (README,
-"Measured figures"): views without flip, colour jitter or solarisation and with a blur radius
+two CPU cores, and three of them depart from the official recipe because digits need it
+(benchmarks/RESULTS.md): views without flip, colour jitter or solarisation and with a blur radius
 scaled to the 16-px crops, a constant [CLS] teacher temperature of 0.02, and DINOv2's KoLeo
 term. The official defaults apply when you pass ``--official_defaults``.
 At the end the teacher's k-NN accuracy is printed next to the same network at

@@ -5,8 +5,8 @@ from ibot_keras import checkpoint
 from ibot_keras import layers
 from ibot_keras import resume
 from ibot_keras import schedules
+from ibot_keras.builder import build_pretrainer
 from ibot_keras.config import PretrainConfig
-from ibot_keras.config import build_pretrainer
 from ibot_keras.losses import IBOTLoss
 from ibot_keras.masking import BlockMasking
 from ibot_keras.models import IBOT

@@ -34,11 +34,14 @@
    backward on XLA:CPU than Keras' ``ops.layer_normalization`` (whose ``jnp.var`` recomputes
    the mean): baseline-cpu step 1.82 -> 2.51 images/s. TensorFlow measured no gain (3.63 vs
    3.43 images/s, within noise) and torch has a fused kernel, so both keep Keras' op.
+5. ``set_random_seed``: Keras' seeding without importing TensorFlow into a JAX or PyTorch
+   process (Keras' own seeds an installed TensorFlow, which imports it).
 """
 
 import collections
 import contextlib
 import os
+import sys
 
 import keras
 
@@ -270,3 +273,30 @@ def data_parallel():
         world = dist.get_world_size()
         return DataParallelSetup(contextlib.nullcontext(), dist.get_rank(), world, world)
     raise NotImplementedError(f"Data parallel training is not implemented for the {_BACKEND} backend.")
+
+
+def set_random_seed(seed):
+    """``keras.utils.set_random_seed`` (Python, NumPy, Keras and backend seeds) without
+    importing TensorFlow into a JAX or PyTorch process.
+
+    Keras' version also seeds TensorFlow whenever it is installed, which imports it: ~400 MB of
+    resident memory and seconds of start-up for a user who never runs TensorFlow. When another
+    backend is selected and TensorFlow is not imported yet, it is hidden from that one call
+    (by Keras' lazy TensorFlow module, the one private Keras state this package touches).
+    """
+    if _BACKEND == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    try:
+        from keras.src.utils import module_utils
+
+        lazy_tensorflow = module_utils.tensorflow
+        previous = lazy_tensorflow._available
+    except (ImportError, AttributeError):  # another Keras layout: accept the import
+        keras.utils.set_random_seed(seed)
+        return
+    lazy_tensorflow._available = False
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        lazy_tensorflow._available = previous

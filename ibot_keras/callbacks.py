@@ -83,7 +83,7 @@ class TeacherMomentumScheduler(_EpochScheduler):
 
 class CollapseMonitor(keras.callbacks.Callback):
     """Warns when the teacher looks collapsed, from the epoch means of the model's diagnostics
-    (see ``IBOT._update_collapse_diagnostics``):
+    (``ibot_keras.models.diagnostics.collapse_statistics``):
 
     - uniform collapse: ``teacher_entropy`` above ``uniform_fraction * log(out_dim)``;
     - single-prototype collapse: ``teacher_batch_entropy`` below
@@ -168,7 +168,7 @@ class TeacherStateMonitor(keras.callbacks.Callback):
             np.linalg.norm(ops.convert_to_numpy(model.ibot_loss.patch_center))
         )
         diff = total = 0.0
-        for student, teacher in model._ema_pairs:
+        for student, teacher in model.ema_pairs():
             s, t = ops.convert_to_numpy(student), ops.convert_to_numpy(teacher)
             diff += float(np.sum((t - s) ** 2))
             total += float(np.sum(s**2))

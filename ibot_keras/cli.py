@@ -17,14 +17,14 @@ DIGITS_DEFAULTS = dict(
     shared_head=True, norm_last_layer=True, head_hidden_dim=256, head_bottleneck_dim=64,
     batch_size=32, epochs=30, lr=2e-3, warmup_epochs=2, min_lr=1e-5, momentum_teacher=0.996,
     # A sharper, constant [CLS] teacher temperature (official 0.04 -> 0.07): with 0.04-0.07 the
-    # CLS target goes uniform here and `cls` sits at ln(out_dim) (README, "Measured figures").
+    # CLS target goes uniform here and `cls` sits at ln(out_dim) (benchmarks/RESULTS.md).
     warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=5, drop_path=0.0,
     global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), pred_ratio=(0.0, 0.3),
     pred_ratio_var=(0.0, 0.2), saveckp_freq=10, output_dir="runs/digits", num_workers=2,
     # Views for digits, not the official recipe: a mirrored, inverted (solarised) or recoloured
     # digit is another glyph, and a 2-px blur erases a 16-px one (official 0.1-2 px x ~16/224).
     flip_p=0.0, color_jitter_p=0.0, solarize_p=0.0, blur_radius=(0.0075, 0.15),
-    koleo_loss_weight=1.0,  # not iBOT: DINOv2's KoLeo; +22 k-NN points here (README, "Measured figures")
+    koleo_loss_weight=1.0,  # not iBOT: DINOv2's KoLeo; +22 k-NN points here (benchmarks/RESULTS.md)
 )
 
 

@@ -84,6 +84,12 @@ class IBOTAdamW(keras.optimizers.Optimizer):
             shape=(), dtype="int32", name="update_skipped", aggregation="only_first_replica"
         )
 
+    def slots(self, variable):
+        """``(momentum, velocity, step_count)``: the optimizer variables kept for the model
+        variable ``variable`` (PyTorch AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step``)."""
+        index = self._get_variable_index(variable)
+        return self._momentums[index], self._velocities[index], self._step_counts[index]
+
     def apply(self, grads, trainable_variables=None):
         if not self.skip_nonfinite:
             return super().apply(grads, trainable_variables)
@@ -115,10 +121,7 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         return ops.convert_to_tensor(float(wd or 0.0), "float32")
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        momentum_var = self._momentums[index]
-        velocity_var = self._velocities[index]
-        count_var = self._step_counts[index]
+        momentum_var, velocity_var, count_var = self.slots(variable)
         param = ops.convert_to_tensor(variable)
         momentum = ops.convert_to_tensor(momentum_var)
         velocity = ops.convert_to_tensor(velocity_var)

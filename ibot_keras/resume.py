@@ -19,11 +19,15 @@ inside it are ever read or deleted, ``TrainingCheckpoint`` refuses to start a mo
 not restored from the directory's latest checkpoint, a state with a NaN or inf is never
 written, and the pointer records the settings that shape the schedules, so that a resume with
 others is refused by name.
+
+This module writes and restores checkpoints (``save_training_state``, ``restore_training_state``,
+``TrainingCheckpoint``); ``ibot_keras.run_directory`` reads and checks what a run directory
+holds, ``ibot_keras.pipeline_fit`` continues training from the restored step. Their public
+names are importable from here as well.
 """
 
 import json
 import os
-import re
 import shutil
 import warnings
 import weakref
@@ -31,25 +35,40 @@ import weakref
 import keras
 import numpy as np
 
-POINTER = "checkpoint.json"
+from ibot_keras.pipeline_fit import fit_pipeline, hold_epoch_metrics, resumed_mid_epoch
+from ibot_keras.run_directory import (
+    CHECKPOINT_NAMES,
+    POINTER,
+    CorruptPointerError,
+    check_settings,
+    checkpoint_files,
+    describe_checkpoint,
+    first_non_finite,
+    model_step,
+    name_epochs,
+    read_pointer,
+    schedule_settings,
+)
 
-# The only files of a run directory that are ever read or deleted: the rolling checkpoint
-# (what the pointer may name) and the kept copies. ASCII digits only, no path separators.
-_ROLLING_NAME = re.compile(r"checkpoint-(?:(?P<epochs>[0-9]{4,})|step(?P<step>[0-9]{8,}))\.weights\.h5")
-_KEPT_NAME = re.compile(r"checkpoint(?P<epochs>[0-9]{4,})\.weights\.h5")
-_NAMES = "checkpoint-<epochs:04d>.weights.h5 or checkpoint-step<step:08d>.weights.h5"
+__all__ = [
+    "POINTER",
+    "TrainingCheckpoint",
+    "fit_pipeline",
+    "model_step",
+    "read_pointer",
+    "restore_training_state",
+    "resumed_mid_epoch",
+    "save_training_state",
+    "schedule_settings",
+]
 
-# Metric sums restored by restore_training_state, applied at the start of the resumed epoch.
-_pending_metrics = weakref.WeakKeyDictionary()
 # ``{real path: step}`` of the run directories each model was restored from or saved to.
 _own_directories = weakref.WeakKeyDictionary()
 
 
-class _CorruptPointer(ValueError):
-    """``checkpoint.json`` is unreadable or lacks its entries (a fallback is possible)."""
-
-
-def _fsync_directory(directory):
+def fsync_directory(directory):
+    """fsync a directory, so that a rename inside it is on disk (best effort: skipped where it
+    cannot be opened or synced)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -65,7 +84,7 @@ def _fsync_directory(directory):
 def _replace(tmp, path):
     """Rename ``tmp`` onto ``path`` and fsync the directory, so the rename itself is durable."""
     os.replace(tmp, path)
-    _fsync_directory(os.path.dirname(path) or ".")
+    fsync_directory(os.path.dirname(path) or ".")
 
 
 def _fsync_file(path):
@@ -84,164 +103,6 @@ def _atomic_write_json(path, payload):
 
 def _mark_own(model, directory):
     _own_directories.setdefault(model, {})[os.path.realpath(directory)] = model_step(model)
-
-
-def model_step(model):
-    """The model's global step counter as a Python int (one host read)."""
-    return int(keras.ops.convert_to_numpy(model.step))
-
-
-def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _checkpoint_files(directory, steps_per_epoch):
-    """The checkpoint files of ours in ``directory``, newest first, as ``[(step, name)]``.
-
-    Only regular files (no links) named like ours count; an epoch-boundary name counts
-    ``epochs * steps_per_epoch`` steps, and at equal steps the rolling file comes before its
-    kept copy.
-    """
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = []
-    for name in names:
-        match = _ROLLING_NAME.fullmatch(name) or _KEPT_NAME.fullmatch(name)
-        path = os.path.join(directory, name)
-        if match is None or os.path.islink(path) or not os.path.isfile(path):
-            continue
-        step = match.groupdict().get("step")
-        step = int(step) if step else int(match["epochs"]) * int(steps_per_epoch)
-        found.append((step, match.re is _ROLLING_NAME, name))
-    return [(step, name) for step, _, name in sorted(found, reverse=True)]
-
-
-def _describe(name, step):
-    match = _ROLLING_NAME.fullmatch(name) or _KEPT_NAME.fullmatch(name)
-    if match is not None and not match.groupdict().get("step"):
-        return f"{name}, after epoch {int(match['epochs'])}"
-    return f"{name}, at step {step}"
-
-
-def _first_non_finite(model):
-    """The path of the first model or optimizer variable holding a NaN or inf, else None."""
-    variables = list(model.weights)
-    if model.optimizer is not None:
-        variables += list(model.optimizer.variables)
-    for variable in variables:
-        if keras.backend.is_float_dtype(variable.dtype):
-            if not np.isfinite(np.asarray(keras.ops.convert_to_numpy(variable))).all():
-                return variable.path
-    return None
-
-
-def _schedule_object(value):
-    """A schedule as ``{"class": name, **config}``, a number as a float, else None."""
-    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
-        return {"class": type(value).__name__, **value.get_config()}
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def schedule_settings(model):
-    """The settings that shape the training schedules, as a flat ``{name: JSON value}``.
-
-    ``epochs``, ``steps_per_epoch``, the teacher momentum, the teacher temperature schedules
-    (``ibot_loss``), the optimizer's learning-rate schedule (a constant rate is a variable of
-    the checkpoint itself), weight decay (``weight_decay_value`` of ``IBOTAdamW``) and
-    ``freeze_steps``. Settings a model lacks are left out.
-    """
-    settings = {"epochs": getattr(model, "epochs", None), "steps_per_epoch": int(model.steps_per_epoch),
-                "momentum_teacher": getattr(model, "momentum_teacher", None)}
-    loss = getattr(model, "ibot_loss", None)
-    for key in ("warmup_teacher_temp", "teacher_temp", "warmup_teacher_patch_temp", "teacher_patch_temp",
-                "warmup_teacher_temp_epochs", "mim_start_epoch"):
-        settings[f"ibot_loss.{key}"] = getattr(loss, key, None)
-    optimizer = model.optimizer
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
-    if optimizer is not None:
-        schedule = getattr(optimizer, "learning_rate_schedule", None)
-        if schedule is not None:
-            settings["optimizer.learning_rate"] = _schedule_object(schedule)
-        else:
-            learning_rate = optimizer.get_config().get("learning_rate")
-            if isinstance(learning_rate, dict):  # a serialized schedule
-                settings["optimizer.learning_rate"] = {"class": learning_rate.get("class_name"),
-                                                       **learning_rate.get("config", {})}
-        decay = getattr(optimizer, "weight_decay_value", getattr(optimizer, "weight_decay", None))
-        settings["optimizer.weight_decay"] = _schedule_object(decay)
-        settings["optimizer.freeze_steps"] = getattr(optimizer, "freeze_steps", None)
-    flat = {}
-
-    def flatten(prefix, value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                flatten(f"{prefix}.{key}", item)
-        elif value is not None:
-            flat[prefix] = value
-
-    for key, value in settings.items():
-        flatten(key, value)
-    return json.loads(json.dumps(flat, default=repr))  # as it reads back from the pointer
-
-
-def _check_settings(pointer, model, directory):
-    saved = pointer.get("steps_per_epoch")
-    if saved is not None and int(saved) != int(model.steps_per_epoch):
-        raise ValueError(
-            f"The checkpoint in {directory} was written with steps_per_epoch={saved}, the model has "
-            f"{model.steps_per_epoch}: the schedules would restart. Use the same data and batch size, or "
-            "another output directory."
-        )
-    saved = pointer.get("schedule")
-    if not isinstance(saved, dict):
-        return  # a pointer from before the settings were recorded
-    current = schedule_settings(model)
-    differing = [
-        f"{key}: checkpoint {saved[key]!r}, model {current[key]!r}" if key in current
-        else f"{key}: checkpoint {saved[key]!r}, model has none"
-        for key in sorted(saved) if current.get(key, ...) != saved[key]
-    ]
-    if differing:
-        raise ValueError(
-            f"The checkpoint in {directory} was written with other schedule settings ({'; '.join(differing)}): "
-            "resuming would change the schedules mid-run. Build the model with the settings of that run, or "
-            "train into another output directory."
-        )
-
-
-def read_pointer(directory):
-    """``checkpoint.json`` of ``directory`` as a dict, None when there is none.
-
-    Raises ``ValueError`` when it is unreadable or lacks ``weights``/``step``/``epoch``, and
-    when ``weights`` is not the name of one of our checkpoint files in the directory itself.
-    """
-    path = os.path.join(directory, POINTER)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            pointer = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _CorruptPointer(f"{path} is unreadable ({type(error).__name__}: {error})") from None
-    if not isinstance(pointer, dict) or "weights" not in pointer or not all(
-        _is_count(pointer.get(key)) for key in ("step", "epoch")
-    ):
-        shown = sorted(pointer) if isinstance(pointer, dict) else type(pointer).__name__
-        raise _CorruptPointer(
-            f"{path} is not a checkpoint pointer (it needs 'weights', and 'step' and 'epoch' as counts; got {shown})"
-        )
-    weights = pointer["weights"]
-    if not (isinstance(weights, str) and _ROLLING_NAME.fullmatch(weights)):
-        raise ValueError(
-            f"{path} names weights={weights!r}, which is not a checkpoint file of ours ({_NAMES}, in "
-            f"{directory} itself); that file is neither read nor deleted. Point it at a checkpoint file of "
-            f"{directory}, or delete {POINTER} to restore the newest checkpoint file there."
-        )
-    return pointer
 
 
 def save_training_state(model, directory, epoch=None, keep=False):
@@ -266,7 +127,7 @@ def save_training_state(model, directory, epoch=None, keep=False):
         done = epoch + 1  # a model that did not train through fit (tests, conversions)
     name = f"checkpoint-{done:04d}.weights.h5" if position == 0 else f"checkpoint-step{step:08d}.weights.h5"
     _build_optimizer(model)
-    bad = _first_non_finite(model)
+    bad = first_non_finite(model)
     if bad is not None:
         warnings.warn(
             f"Checkpoint skipped at step {step} (epoch {done + 1 if position else done}): {bad} is not finite. "
@@ -298,7 +159,7 @@ def save_training_state(model, directory, epoch=None, keep=False):
         stale = os.path.join(directory, previous["weights"])  # one of our names (read_pointer checks)
         if os.path.islink(stale) or os.path.isfile(stale):
             os.remove(stale)
-            _fsync_directory(directory)
+            fsync_directory(directory)
     _mark_own(model, directory)
     return path
 
@@ -335,9 +196,9 @@ def restore_training_state(model, directory):
     try:
         pointer = read_pointer(directory)
         problem = None
-    except _CorruptPointer as error:
+    except CorruptPointerError as error:
         pointer, problem = None, str(error)
-    candidates = _checkpoint_files(directory, steps)
+    candidates = checkpoint_files(directory, steps)
     if pointer is not None:
         path = os.path.join(directory, pointer["weights"])
         if os.path.islink(path) or not os.path.isfile(path):
@@ -345,11 +206,11 @@ def restore_training_state(model, directory):
                 f"{POINTER} names {pointer['weights']}, which is missing (or not a regular file) in {directory}. "
                 f"Delete {POINTER} to restore the newest checkpoint file there instead."
             )
-        _check_settings(pointer, model, directory)
+        check_settings(pointer, model, directory)
         error = _load(model, path)
         if error is None:
             if pointer.get("metrics") is not None:
-                _pending_metrics[model] = pointer["metrics"]
+                hold_epoch_metrics(model, pointer["metrics"])
             _mark_own(model, directory)
             return int(pointer["epoch"])
         problem = f"{path}, which {POINTER} names, is unreadable ({error})"
@@ -358,7 +219,8 @@ def restore_training_state(model, directory):
         if problem is None:
             return 0
         raise ValueError(
-            f"{problem}, and {directory} holds no checkpoint file ({_NAMES}) to fall back to. Delete {POINTER} "
+            f"{problem}, and {directory} holds no checkpoint file ({CHECKPOINT_NAMES}) to fall back to. "
+            f"Delete {POINTER} "
             "to start afresh there, or restore from the directory that holds the run."
         )
     elif problem is None:
@@ -370,14 +232,15 @@ def restore_training_state(model, directory):
             failures.append(f"{name} ({error})")
             continue
         step = model_step(model)
-        match = _ROLLING_NAME.fullmatch(name) or _KEPT_NAME.fullmatch(name)
-        epochs = int(match["epochs"]) if match.groupdict().get("epochs") else step // steps
+        named = name_epochs(name)
+        epochs = step // steps if named is None else named
         note = ""
         if step % steps:
-            _pending_metrics[model] = None  # the running sums were in the pointer
+            hold_epoch_metrics(model, None)  # the running sums were in the pointer
             note = " The logged metrics of the resumed epoch count only its remaining steps."
         warnings.warn(
-            f"{problem}: restored the newest readable checkpoint in {directory} instead ({_describe(name, step)})"
+            f"{problem}: restored the newest readable checkpoint in {directory} instead "
+            f"({describe_checkpoint(name, step)})"
             f"{'; unreadable: ' + ', '.join(failures) if failures else ''}.{note}",
             stacklevel=2,
         )
@@ -388,137 +251,6 @@ def restore_training_state(model, directory):
         f"{': ' + ', '.join(failures) if failures else ' (there is none)'}. The model may be partly loaded: "
         "build it again, and restore from a directory with a good checkpoint or train into an empty one."
     )
-
-
-class _RunCallbacks(keras.callbacks.CallbackList):
-    """The user's callbacks through the two ``fit`` calls of a resumed run, seen as one run:
-    one ``on_train_begin``/``on_train_end``, batch numbers of the resumed epoch counted from
-    where it was interrupted, and its running metric sums restored."""
-
-    def __init__(self, callbacks, model, metrics, **params):
-        super().__init__(callbacks, add_history=True, add_progbar=params["verbose"] != 0, model=model, **params)
-        self.batch_offset = 0
-        self.final = False
-        self._begun = False
-        self._metrics = metrics
-
-    def on_train_begin(self, logs=None):
-        if not self._begun:
-            self._begun = True
-            super().on_train_begin(logs)
-
-    def on_train_end(self, logs=None):
-        if self.final:
-            super().on_train_end(logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self._metrics is not None:  # after fit's reset_metrics, before the first step
-            for variable, value in zip(self.model.metrics_variables, self._metrics):
-                variable.assign(np.asarray(value, variable.dtype))
-            self._metrics = None
-        super().on_epoch_begin(epoch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        super().on_train_batch_begin(batch + self.batch_offset, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch + self.batch_offset, logs)
-
-
-def resumed_mid_epoch(model):
-    """Whether ``model`` was restored from a mid-epoch checkpoint that no ``fit`` on a
-    ``Pipeline`` has continued yet."""
-    return model in _pending_metrics
-
-
-class _StepRange(keras.utils.PyDataset):
-    """Batches ``start .. stop - 1`` of a ``Pipeline`` as a one-worker ``PyDataset`` (so Keras
-    adds no threads of its own). Read in order, they come from the pipeline's worker stream;
-    the few that Keras reads twice (its look at the first batches for shapes) are served again
-    from a small cache, and any other jump restarts the stream there."""
-
-    def __init__(self, pipeline, start, stop):
-        super().__init__(workers=1, use_multiprocessing=False)
-        self.pipeline, self.start, self.stop = pipeline, int(start), int(stop)
-        self._stream, self._next, self._recent = None, None, {}
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, index):
-        step = self.start + int(index)
-        if step in self._recent:
-            return (self._recent[step],)
-        if self._stream is None or step != self._next:
-            self.close()
-            self._stream = self.pipeline.stream(step, self.stop)
-        (batch,) = next(self._stream)
-        self._next = step + 1
-        self._recent[step] = batch
-        self._recent.pop(step - 4, None)
-        return (batch,)
-
-    def close(self):
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-        self._recent = {}
-
-
-def fit_pipeline(model, pipeline, fit, epochs=1, callbacks=None, verbose="auto", initial_epoch=None,
-                 steps_per_epoch=None, **kwargs):
-    """``model.fit`` on a ``Pipeline`` from ``model.step`` on (``fit`` is Keras' own).
-
-    A run interrupted mid-epoch is continued by two Keras ``fit`` calls (the rest of that epoch,
-    then whole epochs) that the callbacks see as one.
-    """
-    steps = len(pipeline)
-    if int(model.steps_per_epoch) != steps:
-        raise ValueError(
-            f"The model was built with steps_per_epoch={model.steps_per_epoch} but the pipeline has {steps} "
-            "batches per epoch: build the model with steps_per_epoch=len(pipeline)."
-        )
-    if steps_per_epoch is not None and int(steps_per_epoch) != steps:
-        raise ValueError(f"steps_per_epoch={steps_per_epoch} differs from the pipeline's {steps}; omit it.")
-    if epochs > pipeline.epochs:
-        raise ValueError(f"epochs={epochs} but the pipeline was built for {pipeline.epochs} epochs.")
-    start = model_step(model)
-    epoch, position = divmod(start, steps)
-    if initial_epoch is not None and initial_epoch != epoch:
-        raise ValueError(
-            f"initial_epoch={initial_epoch}, but model.step={start} is in epoch {epoch} (0-based): the pipeline "
-            f"continues from the model's step. Pass initial_epoch={epoch} or omit it."
-        )
-    verbose = 1 if verbose == "auto" else verbose
-    metrics = _pending_metrics.pop(model, None) if position else None
-    run = _RunCallbacks(callbacks, model, metrics, verbose=verbose, epochs=epochs, steps=steps)
-    kwargs.update(verbose=verbose, callbacks=run, shuffle=False)
-    if position and epoch < epochs:
-        run.batch_offset = position
-        run.final = epoch + 1 >= epochs
-        _fit_range(fit, pipeline, start, (epoch + 1) * steps, epochs=epoch + 1, initial_epoch=epoch,
-                   steps_per_epoch=steps - position, **kwargs)
-        run.batch_offset = 0
-        epoch += 1
-        if model.stop_training:
-            if not run.final:
-                run.final = True
-                run.on_train_end()
-            return model.history
-    if epoch >= epochs:
-        return getattr(model, "history", None)  # already trained that far
-    run.final = True
-    _fit_range(fit, pipeline, epoch * steps, epochs * steps, epochs=epochs, initial_epoch=epoch,
-               steps_per_epoch=steps, **kwargs)
-    return model.history
-
-
-def _fit_range(fit, pipeline, start, stop, **kwargs):
-    data = _StepRange(pipeline, start, stop)
-    try:
-        fit(data, **kwargs)
-    finally:
-        data.close()  # stop the worker processes now, not at garbage collection
 
 
 class TrainingCheckpoint(keras.callbacks.Callback):
@@ -567,10 +299,10 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             pointer = None  # saving replaces it; its file is then left alone
         if pointer is not None:
             return pointer["step"], f"{pointer['weights']}, at step {pointer['step']} after {pointer['epoch']} epochs"
-        files = _checkpoint_files(self.directory, self._steps)
+        files = checkpoint_files(self.directory, self._steps)
         if files:
             step, name = files[0]
-            return step, _describe(name, step)
+            return step, describe_checkpoint(name, step)
         return None
 
     def _claim_directory(self):
@@ -589,13 +321,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 f"(restore_training_state(model, {self.directory!r}) before fit), choose an empty directory, or "
                 "pass TrainingCheckpoint(..., overwrite=True) to delete its checkpoint files."
             )
-        names = [name for _, name in _checkpoint_files(self.directory, self._steps)]
+        names = [name for _, name in checkpoint_files(self.directory, self._steps)]
         pointer = os.path.join(self.directory, POINTER)
         if os.path.isfile(pointer) and not os.path.islink(pointer):
             names.append(POINTER)
         for name in names:
             os.remove(os.path.join(self.directory, name))
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         warnings.warn(f"overwrite=True: deleted the previous run's {', '.join(names)} in {self.directory}.",
                       stacklevel=2)
 

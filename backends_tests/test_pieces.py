@@ -1,0 +1,35 @@
+"""Small pieces of the training step used alone, against NumPy: the teacher EMA and the
+collapse statistics (float32; tolerances are float32 rounding)."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+from ibot_keras.models.diagnostics import collapse_statistics
+from ibot_keras.models.ema import ema_update
+
+
+def test_ema_update_moves_the_teacher_unless_the_step_was_skipped():
+    rng = np.random.default_rng(0)
+    student, teacher = rng.standard_normal((2, 3, 4)).astype("float32")
+    pairs = [(keras.Variable(student), keras.Variable(teacher))]
+    ema_update(pairs, 0.25)
+    np.testing.assert_allclose(to_numpy(pairs[0][1]), 0.75 * teacher + 0.25 * student, rtol=1e-6)
+    moved = to_numpy(pairs[0][1])
+    ema_update(pairs, 0.5, applied=keras.ops.convert_to_tensor(False))
+    np.testing.assert_array_equal(to_numpy(pairs[0][1]), moved)
+
+
+def test_collapse_statistics_match_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, 3, 5)).astype("float32")
+    center = rng.standard_normal((1, 5)).astype("float32") * 0.1
+    out = {k: float(to_numpy(v)) for k, v in collapse_statistics(logits, center, 0.5).items()}
+    z = ((logits - center) / 0.5).reshape(-1, 5).astype("float64")
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    mean_p = p.mean(0)
+    assert out["teacher_entropy"] == pytest.approx(-(p * np.log(p)).sum(-1).mean(), rel=1e-5)
+    assert out["teacher_batch_entropy"] == pytest.approx(-(mean_p * np.log(mean_p)).sum(), rel=1e-5)
+    assert out["prototype_usage"] == pytest.approx(len(set(z.argmax(-1))) / 5)
