@@ -33,3 +33,27 @@ def test_collapse_statistics_match_numpy():
     assert out["teacher_entropy"] == pytest.approx(-(p * np.log(p)).sum(-1).mean(), rel=1e-5)
     assert out["teacher_batch_entropy"] == pytest.approx(-(mean_p * np.log(mean_p)).sum(), rel=1e-5)
     assert out["prototype_usage"] == pytest.approx(len(set(z.argmax(-1))) / 5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_gives_the_values_and_gradients_of_the_plain_product(with_bias):
+    from conftest import value_and_grad
+
+    from ibot_keras import backend_specific
+
+    rng = np.random.default_rng(2)
+    args = [rng.standard_normal(shape).astype("float32") for shape in ((2, 3, 4), (4, 5), (5,))]
+    args = args if with_bias else args[:2]
+    weights = rng.standard_normal((2, 3, 5)).astype("float32")
+
+    def ours(*args):
+        return keras.ops.sum(keras.ops.sin(backend_specific.dense(*args)) * keras.ops.convert_to_tensor(weights))
+
+    def plain(x, kernel, bias=0.0):
+        return keras.ops.sum(keras.ops.sin(keras.ops.matmul(x, kernel) + bias) * keras.ops.convert_to_tensor(weights))
+
+    value, grads = value_and_grad(ours, *args)
+    expected_value, expected_grads = value_and_grad(plain, *args)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

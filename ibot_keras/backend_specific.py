@@ -59,6 +59,61 @@ def layer_norm(x, gamma, beta, epsilon):
     return centred * keras.ops.rsqrt(variance + epsilon) * gamma + beta
 
 
+def dense(x, kernel, bias=None):
+    """``x @ kernel (+ bias)`` over the last axis: ``(..., D_in) -> (..., D_out)``.
+
+    On JAX with a hand-written backward (``dx = g @ kernel.T``, ``dkernel = x2.T @ g2`` on the
+    flattened ``(tokens, D)`` arrays, ``dbias = sum(g2)``): the same values as autodiff, but XLA:CPU
+    compiles it without the transposed copies of activations (and their recomputed producers) that
+    it emits for the autodiff backward of a batched matmul. ViT-T/16 backbone on 16 x 224-px crops,
+    forward + backward: 1.69 s -> 0.95 s (2-core Xeon, 2026-12-01). Other backends: Keras' ops.
+    """
+    if _BACKEND == "jax":
+        import jax.numpy as jnp
+
+        kernel = jnp.asarray(kernel)
+        if bias is None:
+            return _jax_dense_no_bias(x, kernel)
+        return _jax_dense(x, kernel, jnp.asarray(bias))
+    out = keras.ops.matmul(x, kernel)
+    return out if bias is None else out + bias
+
+
+if _BACKEND == "jax":
+    import jax
+
+    def _dense_backward(x, kernel, g):
+        rows = (-1, x.shape[-1])
+        x2, g2 = x.reshape(rows), g.reshape((-1, g.shape[-1]))
+        return g @ kernel.T, x2.T @ g2, g2
+
+    @jax.custom_vjp
+    def _jax_dense(x, kernel, bias):
+        return x @ kernel + bias
+
+    def _jax_dense_forward(x, kernel, bias):
+        return x @ kernel + bias, (x, kernel)
+
+    def _jax_dense_grads(residuals, g):
+        dx, dkernel, g2 = _dense_backward(*residuals, g)
+        return dx, dkernel, g2.sum(axis=0)
+
+    _jax_dense.defvjp(_jax_dense_forward, _jax_dense_grads)
+
+    @jax.custom_vjp
+    def _jax_dense_no_bias(x, kernel):
+        return x @ kernel
+
+    def _jax_dense_no_bias_forward(x, kernel):
+        return x @ kernel, (x, kernel)
+
+    def _jax_dense_no_bias_grads(residuals, g):
+        dx, dkernel, _ = _dense_backward(*residuals, g)
+        return dx, dkernel
+
+    _jax_dense_no_bias.defvjp(_jax_dense_no_bias_forward, _jax_dense_no_bias_grads)
+
+
 def _torch_world_size():
     import torch.distributed as dist
 

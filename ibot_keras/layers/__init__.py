@@ -1,6 +1,7 @@
 """Building blocks of the iBOT ViT and head, one layer per file."""
 
 from ibot_keras.layers.attention import Attention
+from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.drop_path import DropPath
 from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.mlp import Mlp
@@ -11,6 +12,7 @@ from ibot_keras.layers.weight_norm_dense import WeightNormDense
 
 __all__ = [
     "Attention",
+    "Dense",
     "DropPath",
     "LayerNormalization",
     "Mlp",

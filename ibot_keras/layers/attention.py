@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.initializers import linear_kernel_init
 
 
@@ -19,13 +20,13 @@ class Attention(keras.layers.Layer):
         self.num_heads = int(num_heads)
         self.qkv_bias = bool(qkv_bias)
         self.head_dim = self.dim // self.num_heads
-        self.qkv = keras.layers.Dense(
+        self.qkv = Dense(
             3 * self.dim,
             use_bias=self.qkv_bias,
             kernel_initializer=linear_kernel_init(),
             name="qkv",
         )
-        self.proj = keras.layers.Dense(
+        self.proj = Dense(
             self.dim, kernel_initializer=linear_kernel_init(), name="proj"
         )
         self.trainable = trainable

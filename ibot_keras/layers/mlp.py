@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.initializers import linear_kernel_init
 
 
@@ -14,10 +15,10 @@ class Mlp(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.hidden_dim = int(hidden_dim)
-        self.fc1 = keras.layers.Dense(
+        self.fc1 = Dense(
             self.hidden_dim, kernel_initializer=linear_kernel_init(), name="fc1"
         )
-        self.fc2 = keras.layers.Dense(
+        self.fc2 = Dense(
             self.dim, kernel_initializer=linear_kernel_init(), name="fc2"
         )
         self.trainable = trainable

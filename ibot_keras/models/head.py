@@ -5,6 +5,7 @@ import numbers
 import keras
 from keras import ops
 
+from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.initializers import linear_kernel_init
 from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.weight_norm_dense import WeightNormDense
@@ -88,7 +89,7 @@ class IBOTHead(keras.layers.Layer):
 
         # (official index in the nn.Sequential, layer); activations have no weights.
         mlp = []
-        dense = lambda units, name: keras.layers.Dense(  # noqa: E731
+        dense = lambda units, name: Dense(  # noqa: E731
             units, kernel_initializer=linear_kernel_init(), name=name
         )
         if self.num_layers == 1:
