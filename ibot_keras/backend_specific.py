@@ -36,6 +36,9 @@
    3.43 images/s, within noise) and torch has a fused kernel, so both keep Keras' op.
 5. ``set_random_seed``: Keras' seeding without importing TensorFlow into a JAX or PyTorch
    process (Keras' own seeds an installed TensorFlow, which imports it).
+6. ``dense``: ``x @ kernel + bias`` for ``ibot_keras.layers.Dense``; on JAX with a hand-written
+   backward that XLA:CPU compiles without transposed activation copies (the JAX step 0.64x ->
+   0.94x of the official one); the other backends use Keras' ops.
 """
 
 import collections
