@@ -304,7 +304,7 @@ def test_vision_transformer_refuses_bad_arguments(overrides, fragment):
         VisionTransformer(**{**TINY_VIT, **overrides})
 
 
-TINY_HEAD = dict(out_dim=8, patch_out_dim=6, hidden_dim=8, bottleneck_dim=4, num_layers=2, shared_head=False)
+TINY_HEAD = dict(out_dim=8, patch_out_dim=6, hidden_dim=8, bottleneck_dim=4, nlayers=2, shared_head=False)
 
 
 @pytest.mark.parametrize(
@@ -314,7 +314,7 @@ TINY_HEAD = dict(out_dim=8, patch_out_dim=6, hidden_dim=8, bottleneck_dim=4, num
         (dict(patch_out_dim=0), "IBOTHead: patch_out_dim=0 is not allowed"),
         (dict(hidden_dim=0), "IBOTHead: hidden_dim=0 is not allowed"),
         (dict(bottleneck_dim=0), "IBOTHead: bottleneck_dim=0 is not allowed"),
-        (dict(num_layers=0), "IBOTHead: num_layers=0 is not allowed"),
+        (dict(nlayers=0), "IBOTHead: nlayers=0 is not allowed"),
         (dict(in_dim=0), "IBOTHead: in_dim=0 is not allowed"),
         (dict(out_dim=2.5), "IBOTHead: out_dim=2.5 is not allowed"),
         (dict(out_dim=math.inf), "IBOTHead: out_dim=inf is not allowed"),

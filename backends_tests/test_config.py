@@ -100,7 +100,7 @@ def test_view_knobs_default_to_the_official_recipe_and_reach_the_pipeline():
     assert config.blur_radius == (0.1, 2.0)
     changed = PretrainConfig(flip_p=0.0, color_jitter_p=0.1, grayscale_p=0.3, solarize_p=0.4, blur_radius=[0.0, 0.5])
     aug = augmentation_from_config(changed)
-    assert (aug.flip_p, aug.jitter_p, aug.grayscale_p, aug.solarize_p, aug.blur_radius) == (0.0, 0.1, 0.3, 0.4, (0.0, 0.5))
+    assert (aug.flip_p, aug.color_jitter_p, aug.grayscale_p, aug.solarize_p, aug.blur_radius) == (0.0, 0.1, 0.3, 0.4, (0.0, 0.5))
     assert aug.crop_recipe(1) == (0.1, 0.4) and aug.crop_recipe(0) == (1.0, 0.0)
     args = add_config_arguments(argparse.ArgumentParser()).parse_args(["--blur_radius", "0", "0.5", "--flip_p", "0"])
     assert config_from_args(args, 1).blur_radius == (0.0, 0.5) and config_from_args(args, 1).flip_p == 0.0

@@ -53,7 +53,7 @@ def test_decision_probabilities_follow_the_official_recipe():
 
 def test_view_knobs_set_the_rates():
     aug = MultiCropAugmentation(
-        2, 1, global_crop_size=16, local_crop_size=8, flip_p=0.0, jitter_p=0.3, grayscale_p=1.0, solarize_p=0.6
+        2, 1, global_crop_size=16, local_crop_size=8, flip_p=0.0, color_jitter_p=0.3, grayscale_p=1.0, solarize_p=0.6
     )
     first, second, local = decision_rates(aug)
     tol = 4 * np.sqrt(0.25 / 1500)
@@ -68,8 +68,8 @@ def test_view_knobs_set_the_rates():
 
 def test_blur_radius_range_is_used():
     image = Image.fromarray(photo(size=16))
-    aug = MultiCropAugmentation(1, 0, global_crop_size=16, blur_radius=(0.0, 0.0), jitter_p=0.0, flip_p=0.0, grayscale_p=0.0)
-    sharp = MultiCropAugmentation(1, 0, global_crop_size=16, jitter_p=0.0, flip_p=0.0, grayscale_p=0.0)
+    aug = MultiCropAugmentation(1, 0, global_crop_size=16, blur_radius=(0.0, 0.0), color_jitter_p=0.0, flip_p=0.0, grayscale_p=0.0)
+    sharp = MultiCropAugmentation(1, 0, global_crop_size=16, color_jitter_p=0.0, flip_p=0.0, grayscale_p=0.0)
     plain = sharp.crop(image, 16, (1.0, 1.0), 0.0, 0.0, np.random.default_rng(0))
     zero_radius = aug.crop(image, 16, (1.0, 1.0), 1.0, 0.0, np.random.default_rng(0))
     blurred = sharp.crop(image, 16, (1.0, 1.0), 1.0, 0.0, np.random.default_rng(0))
@@ -126,7 +126,7 @@ def test_individual_operations():
     # Solarisation inverts every value at or above 128.
     rng = np.random.default_rng(0)
     flat = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
-    aug.jitter_p = aug.flip_p = aug.grayscale_p = 0.0
+    aug.color_jitter_p = aug.flip_p = aug.grayscale_p = 0.0
     crop = aug.crop(flat, 8, (1.0, 1.0), 0.0, 1.0, rng)
     np.testing.assert_allclose(crop * IMAGENET_STD + IMAGENET_MEAN, 55 / 255, atol=1e-6)
 

@@ -11,9 +11,9 @@ from ibot_keras.checkpoint import load_state
 H = load_fixture("ibot_head_case")
 RTOL, ATOL = 1e-5, 1e-6  # float32 port of a float32 reference (fixture README)
 VARIANTS = {
-    "a": dict(patch_out_dim=24, norm=None, act="gelu", num_layers=3, norm_last_layer=True, shared_head=False),
-    "b": dict(patch_out_dim=24, norm=None, act="gelu", num_layers=3, norm_last_layer=False, shared_head=True),
-    "c": dict(patch_out_dim=24, norm="ln", act="relu", num_layers=2, norm_last_layer=False, shared_head=False),
+    "a": dict(patch_out_dim=24, norm=None, act="gelu", nlayers=3, norm_last_layer=True, shared_head=False),
+    "b": dict(patch_out_dim=24, norm=None, act="gelu", nlayers=3, norm_last_layer=False, shared_head=True),
+    "c": dict(patch_out_dim=24, norm="ln", act="relu", nlayers=2, norm_last_layer=False, shared_head=False),
 }
 
 

@@ -57,3 +57,32 @@ def test_dense_gives_the_values_and_gradients_of_the_plain_product(with_bias):
     np.testing.assert_allclose(value, expected_value, rtol=1e-6)
     for got, want in zip(grads, expected_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_gives_the_values_and_gradients_of_the_plain_formula():
+    from conftest import value_and_grad
+
+    from ibot_keras import backend_specific
+
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 3, 5, 4)).astype("float32") for _ in range(3))
+    weights = rng.standard_normal((2, 3, 5, 4)).astype("float32")
+    scale = 4**-0.5
+
+    def ours(q, k, v):
+        out = backend_specific.attention(q, k, v, scale)
+        return keras.ops.sum(keras.ops.sin(out) * keras.ops.convert_to_tensor(weights))
+
+    def plain(q, k, v):
+        probs = keras.ops.softmax(keras.ops.matmul(q, keras.ops.transpose(k, (0, 1, 3, 2))) * scale, axis=-1)
+        return keras.ops.sum(keras.ops.sin(keras.ops.matmul(probs, v)) * keras.ops.convert_to_tensor(weights))
+
+    scores = q @ np.swapaxes(k, -1, -2) * scale
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(to_numpy(backend_specific.attention(q, k, v, scale)), probs @ v, rtol=1e-5, atol=1e-6)
+    value, grads = value_and_grad(ours, q, k, v)
+    expected_value, expected_grads = value_and_grad(plain, q, k, v)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

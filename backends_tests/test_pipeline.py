@@ -156,7 +156,7 @@ def test_build_pipeline_uses_the_config():
     images = np.random.default_rng(2).integers(0, 255, (9, 20, 20, 3), dtype=np.uint8)
     pipeline = build_pipeline(config, ArraySource(images))
     assert (len(pipeline), pipeline.total_steps, pipeline.workers) == (2, 4, 3)
-    assert (pipeline.maker.augmentation.flip_p, pipeline.maker.augmentation.jitter_p) == (0.0, 0.25)
+    assert (pipeline.maker.augmentation.flip_p, pipeline.maker.augmentation.color_jitter_p) == (0.0, 0.25)
     assert pipeline.maker.masking.pred_ratio == 0.2 and pipeline.maker.seed == 7
     batch = pipeline.batch(3)
     assert batch["global_crops"].shape == (4, 2, 16, 16, 3)

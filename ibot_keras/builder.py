@@ -54,6 +54,7 @@ def _build_pretrainer(config, steps_per_epoch, jit_compile, seed):
         depth=depth,
         num_heads=num_heads,
         image_size=config.image_size,
+        num_registers=config.num_registers,
     )
     student_backbone = VisionTransformer(
         drop_path_rate=config.drop_path,
@@ -68,7 +69,7 @@ def _build_pretrainer(config, steps_per_epoch, jit_compile, seed):
         patch_out_dim=config.patch_out_dim,
         hidden_dim=config.head_hidden_dim,
         bottleneck_dim=config.head_bottleneck_dim,
-        num_layers=config.head_nlayers,
+        nlayers=config.head_nlayers,
         norm=config.norm_in_head,
         act=config.act_in_head,
         in_dim=embed_dim,
@@ -100,6 +101,8 @@ def _build_pretrainer(config, steps_per_epoch, jit_compile, seed):
         lambda1=config.lambda1,
         lambda2=config.lambda2,
         mim_start_epoch=config.pred_start_epoch,
+        centering=config.centering,
+        patch_normalization=config.patch_normalization,
         name="ibot_loss",
     )
     model = IBOT(

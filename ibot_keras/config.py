@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 from ibot_keras.backend_specific import set_random_seed  # noqa: F401 (its old import path)
 from ibot_keras.config_checks import RULES, coerce, normalise
 from ibot_keras.data.augment import check_view_recipe
+from ibot_keras.masking import BlockMasking
 from ibot_keras.models.head import SUPPORTED_ACTIVATIONS, SUPPORTED_NORMS  # noqa: F401 (old import path)
 from ibot_keras.models.vit import VIT_SIZES
 
@@ -49,6 +50,9 @@ class PretrainConfig:
     - Every field is checked at construction (``validate``): its type (a bool must be a bool,
       an int may be given as a whole float, NaN and inf are refused) and its range, with a
       ``TypeError``/``ValueError`` naming the field, the value and what is allowed.
+    - DINOv2-family options, off by default (``docs/training.md``): ``centering``
+      ("ema" | "sinkhorn_knopp"), ``patch_normalization`` ("image" | "token"),
+      ``pred_ratio_stratified`` and ``num_registers``.
     - ``koleo_loss_weight`` (default 0): DINOv2's KoLeo regulariser on the student [CLS], an
       option that iBOT does not have (see ``IBOT``).
     - Steps with a non-finite loss or gradients are skipped and counted (``IBOT``);
@@ -79,6 +83,11 @@ class PretrainConfig:
     lambda1: float = 1.0
     lambda2: float = 1.0
     koleo_loss_weight: float = 0.0  # DINOv2's KoLeo on the student [CLS]; not in iBOT (0 = official)
+    # DINOv2-family stabilisers (not in iBOT; the defaults are official)
+    centering: str = "ema"  # or "sinkhorn_knopp" (teacher targets by Sinkhorn-Knopp, no center)
+    patch_normalization: str = "image"  # or "token" (every masked patch of the batch weighs the same)
+    pred_ratio_stratified: bool = False  # mask ratios stratified across each batch (DINOv2's collate)
+    num_registers: int = 0  # register tokens in the ViT
     # Temperatures
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
@@ -97,7 +106,7 @@ class PretrainConfig:
     warmup_epochs: int = 10
     min_lr: float = 1e-6
     optimizer: str = "adamw"
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # the student's VisionTransformer(drop_path_rate): both names are official
     # Crops
     global_crops_number: int = 2
     global_crops_scale: Tuple[float, float] = (0.14, 1.0)
@@ -221,16 +230,10 @@ class PretrainConfig:
 
     @property
     def max_masked_patches(self):
-        """Most patches ``BlockMasking`` can mask in one global crop with these ratios:
-        ``floor(max(pred_ratio + pred_ratio_var) * N)`` (block masks stay below the target,
-        ``rand`` masks take ``int`` of it)."""
-        ratios = self.pred_ratio if isinstance(self.pred_ratio, tuple) else (self.pred_ratio,)
-        variances = self.pred_ratio_var
-        if not isinstance(variances, tuple):
-            variances = (variances,) * len(ratios)
-        highest = max(r + v for r, v in zip(ratios, variances))
-        num_patches = (self.global_crop_size // self.patch_size) ** 2
-        return min(num_patches, max(1, int(highest * num_patches)))
+        """Most patches ``BlockMasking`` can mask in one global crop with these ratios
+        (``BlockMasking.max_masked_patches`` of the ``N`` patches of a global crop), at least 1."""
+        masking = BlockMasking(self.pred_ratio, self.pred_ratio_var, pred_shape=self.pred_shape)
+        return max(1, masking.max_masked_patches((self.global_crop_size // self.patch_size) ** 2))
 
     @property
     def scaled_lr(self):

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple, Tuple, Union
 
 import numpy as np
 
+from ibot_keras.losses import CENTERINGS, PATCH_NORMALIZATIONS
 from ibot_keras.models.head import SUPPORTED_ACTIVATIONS, SUPPORTED_NORMS
 
 _TRUE = ("true", "1", "on")  # the official bool_flag's words, any case
@@ -79,6 +80,9 @@ RULES = {
     "lambda1": _LOSS_WEIGHT,
     "lambda2": _LOSS_WEIGHT,
     "koleo_loss_weight": _LOSS_WEIGHT,
+    "centering": _one_of(CENTERINGS),
+    "patch_normalization": _one_of(PATCH_NORMALIZATIONS),
+    "num_registers": _at_least(0),
     "warmup_teacher_temp": _TEMPERATURE,
     "teacher_temp": _TEMPERATURE,
     "warmup_teacher_patch_temp": _TEMPERATURE,

@@ -1,5 +1,6 @@
 """The iBOT loss: [CLS] self-distillation across views + masked patch self-distillation; and
-``koleo_loss``, DINOv2's optional spreading regulariser (not part of iBOT)."""
+DINOv2's optional stabilisers (not part of iBOT): ``koleo_loss`` (a spreading regulariser) and
+``sinkhorn_knopp`` (balanced teacher targets, ``IBOTLoss(centering="sinkhorn_knopp")``)."""
 
 import keras
 import numpy as np
@@ -30,6 +31,59 @@ def koleo_loss(features, eps=1e-8):
     return -ops.mean(ops.log(distance + eps))
 
 
+CENTERINGS = ("ema", "sinkhorn_knopp")
+PATCH_NORMALIZATIONS = ("image", "token")
+_EXCLUDED = -1e30  # log-domain value of a row that takes no part (exp gives exactly 0)
+
+
+def _global_logsumexp_over_rows(x, present):
+    """``log sum_m exp(x[m, k])`` over the rows of every replica: ``(M, K) -> (1, K)``.
+
+    Each replica's log-sum-exp is shifted by the mean of the replicas' values (the same on
+    all of them, so the combined sum is exact) before the all-reduce; replicas without a
+    present row take no part. On one device the shift is the value itself: exactly the local
+    log-sum-exp."""
+    local = ops.logsumexp(ops.where(present, x, _EXCLUDED), axis=0, keepdims=True)
+    has_rows = ops.cast(ops.any(present), "float32")
+    shift = backend_specific.cross_replica_sum(has_rows * local) / ops.maximum(
+        backend_specific.cross_replica_sum(has_rows), 1.0
+    )
+    total = backend_specific.cross_replica_sum(has_rows * ops.exp(local - shift))
+    return shift + ops.log(ops.maximum(total, 1e-30))  # total >= 1 when any row is present
+
+
+def sinkhorn_knopp(logits, temperature, iterations=3, weights=None):
+    """Balanced teacher targets (DINOv2's ``SinkhornKnoppTeacher``): ``(M, K) -> (M, K)``.
+
+    From ``Q = exp(logits / temperature)``, ``iterations`` times: scale each prototype (column
+    ``k``) to total ``1/K``, then each row to total ``1/M``; return ``M * Q`` (every row sums
+    to 1). Computed in float32 in the log domain (each scaling subtracts a log-sum-exp, which
+    subtracts the max before ``exp``), so large logits cannot overflow; no gradient flows
+    (the result is a target).
+
+    ``weights``: optional ``(M,)`` 0/1 marking the rows that take part (e.g. masked patch
+    tokens); ``M`` is then their number and unmarked rows return zeros. Under data parallel
+    training, ``M`` and the prototype sums run over the global batch (every replica's rows),
+    as in DINOv2; ``temperature`` is a float or scalar tensor.
+    """
+    if int(iterations) < 1:
+        raise ValueError(f"sinkhorn_knopp: iterations must be >= 1, got {iterations}.")
+    x = ops.stop_gradient(ops.cast(logits, "float32"))
+    x = x / ops.cast(temperature, "float32")
+    num_prototypes = x.shape[-1]
+    if weights is None:
+        present = ops.ones_like(x[:, :1], dtype="bool")
+    else:
+        present = ops.cast(ops.reshape(weights, (-1, 1)), "float32") > 0
+    rows = backend_specific.cross_replica_sum(ops.sum(ops.cast(present, "float32")))
+    log_rows = ops.log(ops.maximum(rows, 1.0))
+    log_prototypes = float(np.log(num_prototypes))
+    for _ in range(int(iterations)):
+        x = x - (_global_logsumexp_over_rows(x, present) + log_prototypes)
+        x = x - (ops.logsumexp(x, axis=-1, keepdims=True) + log_rows)
+    return ops.exp(ops.where(present, x + log_rows, _EXCLUDED))
+
+
 @keras.saving.register_keras_serializable(package="ibot_keras")
 class IBOTLoss(keras.layers.Layer):
     """iBOT loss with EMA centers and per-epoch teacher temperature warmups (official
@@ -56,6 +110,21 @@ class IBOTLoss(keras.layers.Layer):
     Teacher temperatures are chosen by ``epoch`` (int or scalar tensor) from the official
     tables ``teacher_temp_schedule`` / ``teacher_patch_temp_schedule``; epochs past the end use
     the last value.
+
+    Options from DINOv2/v3 (the defaults are official iBOT):
+
+    - ``centering``: ``"ema"`` (official) centers and softmaxes the teacher outputs as above.
+      ``"sinkhorn_knopp"`` replaces center-and-softmax by ``sinkhorn_knopp`` (3 iterations,
+      the same temperatures), computed over the ``B*ng`` teacher global [CLS] rows and,
+      separately, over the masked patch positions only (``masks`` as weights), global batch
+      under data parallel; the centers are then neither used nor updated (``update_center``
+      is ignored).
+    - ``patch_normalization``: ``"image"`` (official; DINOv2 normalises the same way) is the
+      patch term above: each image's masked mean, averaged over all ``B`` images (those
+      without a masked patch count as 0), summed over views and divided by ``ng``.
+      ``"token"`` weighs every masked patch alike (dinov3 #302: per-image means weigh
+      heavily masked images less per patch): ``sum over images, views and positions of
+      ce * mask / max(1, number of masked patches)``, both sums over the global batch.
     """
 
     def __init__(
@@ -76,6 +145,8 @@ class IBOTLoss(keras.layers.Layer):
         lambda1=1.0,
         lambda2=1.0,
         mim_start_epoch=0,
+        centering="ema",
+        patch_normalization="image",
         **kwargs,
     ):
         kwargs["dtype"] = "float32"
@@ -97,6 +168,16 @@ class IBOTLoss(keras.layers.Layer):
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
         self.mim_start_epoch = int(mim_start_epoch)
+        for name, value, allowed in (
+            ("centering", centering, CENTERINGS),
+            ("patch_normalization", patch_normalization, PATCH_NORMALIZATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"IBOTLoss: {name} must be one of {', '.join(map(repr, allowed))}; got {value!r}."
+                )
+        self.centering = centering
+        self.patch_normalization = patch_normalization
         if self.num_global_crops < 1:
             raise ValueError("num_global_crops must be >= 1.")
         if self.num_global_crops == 1 and self.num_local_crops == 0:
@@ -198,7 +279,11 @@ class IBOTLoss(keras.layers.Layer):
         if self.num_local_crops:
             student_views = ops.concatenate([student_views, f32(student_local_cls)], axis=1)
         student_logp = ops.log_softmax(student_views / self.student_temp, axis=-1)  # (B, V, K)
-        teacher_p = ops.softmax((teacher_cls - ops.convert_to_tensor(self.center)) / temp, axis=-1)  # (B, ng, K)
+        if self.centering == "sinkhorn_knopp":
+            flat = sinkhorn_knopp(ops.reshape(teacher_cls, (-1, self.out_dim)), temp)
+            teacher_p = ops.reshape(flat, ops.shape(teacher_cls))  # (B, ng, K)
+        else:
+            teacher_p = ops.softmax((teacher_cls - ops.convert_to_tensor(self.center)) / temp, axis=-1)
         ce = -ops.einsum("bqk,bvk->bqv", teacher_p, student_logp)  # (B, ng, V)
         same_view = ops.convert_to_tensor(
             np.eye(ng, ng + self.num_local_crops, dtype="float32")
@@ -209,15 +294,26 @@ class IBOTLoss(keras.layers.Layer):
 
         # Patch term on masked tokens of the same view.
         student_patch_logp = ops.log_softmax(f32(student_patch) / self.student_temp, axis=-1)
-        teacher_patch_p = ops.softmax(
-            (teacher_patch - ops.convert_to_tensor(self.patch_center)) / patch_temp, axis=-1)
-        patch_ce = -ops.sum(teacher_patch_p * student_patch_logp, axis=-1)  # (B, ng, N)
         weights = f32(masks)
-        masked = ops.sum(weights, axis=-1)
-        per_view = ops.sum(patch_ce * weights, axis=-1) / ops.maximum(masked, 1.0)  # (B, ng)
-        loss_patch = self.lambda2 * ops.mean(ops.sum(per_view, axis=1)) / ng
+        if self.centering == "sinkhorn_knopp":
+            flat = sinkhorn_knopp(ops.reshape(teacher_patch, (-1, self.patch_out_dim)), patch_temp,
+                                  weights=ops.reshape(weights, (-1,)))  # masked positions only
+            teacher_patch_p = ops.reshape(flat, ops.shape(teacher_patch))
+        else:
+            teacher_patch_p = ops.softmax(
+                (teacher_patch - ops.convert_to_tensor(self.patch_center)) / patch_temp, axis=-1)
+        patch_ce = -ops.sum(teacher_patch_p * student_patch_logp, axis=-1)  # (B, ng, N)
+        if self.patch_normalization == "token":
+            masked = backend_specific.cross_replica_sum(ops.sum(weights))
+            replicas = backend_specific.cross_replica_sum(ops.ones(()))
+            # This replica's share: the mean over replicas is the global-batch value.
+            loss_patch = self.lambda2 * ops.sum(patch_ce * weights) * replicas / ops.maximum(masked, 1.0)
+        else:
+            masked = ops.sum(weights, axis=-1)
+            per_view = ops.sum(patch_ce * weights, axis=-1) / ops.maximum(masked, 1.0)  # (B, ng)
+            loss_patch = self.lambda2 * ops.mean(ops.sum(per_view, axis=1)) / ng
 
-        if update_center:
+        if update_center and self.centering == "ema":
             if teacher_patch_mean is None:
                 teacher_patch_mean = ops.mean(teacher_patch, axis=2)
             self.update_center(teacher_cls, ops.stop_gradient(f32(teacher_patch_mean)))
@@ -259,5 +355,7 @@ class IBOTLoss(keras.layers.Layer):
             lambda1=self.lambda1,
             lambda2=self.lambda2,
             mim_start_epoch=self.mim_start_epoch,
+            centering=self.centering,
+            patch_normalization=self.patch_normalization,
         )
         return config

@@ -25,6 +25,15 @@ class BlockMasking:
         pred_aspect_ratio: range of block aspect ratios, sampled log-uniformly.
         pred_start_epoch: before this epoch (see ``set_epoch``) every mask is empty.
         seed: seed of the private random stream.
+        stratified: DINOv2's batch-level stratification (off: the official per-crop draws).
+            The ``n`` crops of a batch get the ratios at quantiles ``(k + U_k) / n`` of the
+            configured ratio distribution, one per stratum ``k = 0 .. n-1`` in a shuffled
+            order (``batch_ratios``). Each crop's ratio keeps its distribution; the batch
+            covers it evenly. With the README ratios ``[0, 0.3] +- [0, 0.2]`` and ``n`` even
+            this is DINOv2's collate: ``n/2`` empty masks, and ``n/2`` crops at
+            ``U(r_i, r_(i+1))`` with ``r = linspace(0.1, 0.5, n/2 + 1)``. Applies to
+            ``batch`` and to the ratios given to ``image_masks`` (the pipeline); a single
+            ``masking(rows, cols)`` draws unstratified.
 
     ``masking(rows, cols)`` returns one ``(rows, cols)`` bool mask;
     ``masking.batch(batch, crops, rows, cols)`` returns ``(batch, crops, rows, cols)``.
@@ -38,6 +47,7 @@ class BlockMasking:
         pred_aspect_ratio=(0.3, 1 / 0.3),
         pred_start_epoch=0,
         seed=None,
+        stratified=False,
     ):
         ratios = list(pred_ratio) if isinstance(pred_ratio, (list, tuple, np.ndarray)) else None
         if ratios is not None and len(ratios) == 1:
@@ -79,6 +89,9 @@ class BlockMasking:
         self.log_aspect_ratio = (math.log(low), math.log(high))
         self.pred_start_epoch = int(pred_start_epoch)
         self.seed = seed
+        self.stratified = bool(stratified)
+        # (low, high) of each ratio entry, by increasing ratio: the quantile map of ratio_at.
+        self._ranges = sorted((r - v, r + v) if v > 0 else (r, r) for r, v in pairs)
         self.epoch = 0
         self._random = random.Random(seed)
         self._numpy = np.random.default_rng(seed)
@@ -117,9 +130,29 @@ class BlockMasking:
             return rng.uniform(self.pred_ratio - self.pred_ratio_var, self.pred_ratio + self.pred_ratio_var)
         return self.pred_ratio
 
+    def ratio_at(self, quantile):
+        """The ratio at ``quantile`` in ``[0, 1]`` of the configured distribution: entry ``j``
+        of the ``m`` ratio entries (sorted by ratio) covers ``[j/m, (j+1)/m)`` and maps it
+        linearly onto ``[r_j - v_j, r_j + v_j]``. A uniform ``quantile`` gives ``sample_ratio``'s
+        distribution (without the ``pred_start_epoch`` gate)."""
+        m = len(self._ranges)
+        scaled = min(max(float(quantile), 0.0), 1.0) * m
+        j = min(int(scaled), m - 1)
+        low, high = self._ranges[j]
+        return low + (high - low) * min(scaled - j, 1.0)
+
+    def batch_ratios(self, n, rng):
+        """``(n,)`` stratified ratios of the ``n`` crops of a batch: crop ``i`` gets
+        ``ratio_at((perm[i] + U_i) / n)``, ``perm`` a permutation of ``0 .. n-1`` and ``U`` uniform
+        draws of ``rng`` (a ``numpy.random.Generator``; consumed: one permutation, ``n`` floats)."""
+        n = int(n)
+        strata = rng.permutation(n)
+        offsets = rng.random(n)
+        return np.array([self.ratio_at((k + u) / n) for k, u in zip(strata, offsets)])
+
     def max_masked_patches(self, num_patches):
         """The most patches one crop of ``num_patches`` can have masked:
-        ``floor(max(pred_ratio + pred_ratio_var) * num_patches)``."""
+        ``floor(max(pred_ratio + pred_ratio_var) * num_patches)`` (stratified or not)."""
         if isinstance(self.pred_ratio, list):
             highest = max(r + v for r, v in zip(self.pred_ratio, self.pred_ratio_var))
         else:
@@ -161,30 +194,45 @@ class BlockMasking:
         self._numpy.shuffle(flat)
         return flat.reshape(rows, cols)
 
-    def __call__(self, rows, cols):
-        """One ``(rows, cols)`` bool mask."""
-        target = self.sample_ratio() * rows * cols
+    def __call__(self, rows, cols, ratio=None):
+        """One ``(rows, cols)`` bool mask, at ``ratio`` when given (still 0 before
+        ``pred_start_epoch``), else at a ``sample_ratio()`` draw."""
+        if ratio is None:
+            ratio = self.sample_ratio()
+        elif self.epoch < self.pred_start_epoch:
+            ratio = 0.0
+        target = ratio * rows * cols
         if self.pred_shape == "block":
             return self._block_mask(rows, cols, target)
         return self._random_mask(rows, cols, target)
 
-    def image_masks(self, num_crops, rows, cols, rng, epoch=None):
+    def image_masks(self, num_crops, rows, cols, rng, epoch=None, ratios=None):
         """``(num_crops, rows, cols)`` masks of one image from ``rng`` (a ``numpy.random.Generator``)
-        instead of the instance's stream: the masks depend only on ``rng`` and ``epoch`` (which
-        gates ``pred_start_epoch``; default the instance's), so worker order cannot change them.
-        The instance is left untouched."""
+        instead of the instance's stream: the masks depend only on ``rng``, ``epoch`` (which
+        gates ``pred_start_epoch``; default the instance's) and ``ratios``, so worker order
+        cannot change them. ``ratios``: ``(num_crops,)`` ratios to use (the image's part of
+        ``batch_ratios``) instead of per-crop draws. The instance is left untouched."""
         private = copy.copy(self)
         private._random = random.Random(int(rng.integers(2**63)))
         private._numpy = np.random.default_rng(int(rng.integers(2**63)))
         private.epoch = self.epoch if epoch is None else int(epoch)
-        return np.stack([private(rows, cols) for _ in range(num_crops)])
+        if ratios is None:
+            return np.stack([private(rows, cols) for _ in range(num_crops)])
+        if len(ratios) != num_crops:
+            raise ValueError(f"image_masks: {len(ratios)} ratios for {num_crops} crops.")
+        return np.stack([private(rows, cols, float(ratio)) for ratio in ratios])
 
     def batch(self, batch_size, num_crops, rows, cols):
-        """``(batch_size, num_crops, rows, cols)`` masks, image by image, crop by crop."""
+        """``(batch_size, num_crops, rows, cols)`` masks, image by image, crop by crop (when
+        ``stratified``, the ``batch_size * num_crops`` crops' ratios are ``batch_ratios`` drawn
+        from the instance's NumPy stream first)."""
         masks = np.zeros((batch_size, num_crops, rows, cols), dtype=bool)
+        ratios = None
+        if self.stratified:
+            ratios = self.batch_ratios(batch_size * num_crops, self._numpy).reshape(batch_size, num_crops)
         for b in range(batch_size):
             for c in range(num_crops):
-                masks[b, c] = self(rows, cols)
+                masks[b, c] = self(rows, cols, None if ratios is None else float(ratios[b, c]))
         return masks
 
     def get_config(self):
@@ -195,4 +243,5 @@ class BlockMasking:
             "pred_aspect_ratio": self.pred_aspect_ratio,
             "pred_start_epoch": self.pred_start_epoch,
             "seed": self.seed,
+            "stratified": self.stratified,
         }

@@ -87,9 +87,11 @@ class MultiCropAugmentation:
     Local crops: ``local_crop_size``, ``local_crops_scale``, blur p=0.5, no solarisation.
     ``blur_radius`` (pixels) is the official (0.1, 2.0) unless given.
 
-    ``flip_p``, ``jitter_p``, ``grayscale_p`` and ``solarize_p`` (the solarisation rate of the
-    second and later global crops) default to the official rates; lower them for data where
-    these views change the meaning (a flipped or inverted digit is another glyph).
+    ``flip_p``, ``color_jitter_p``, ``grayscale_p`` and ``solarize_p`` (the solarisation rate of
+    the second and later global crops) default to the official rates; lower them for data where
+    these views change the meaning (a flipped or inverted digit is another glyph). They are the
+    ``PretrainConfig`` field names; ``jitter_p``, the earlier name of ``color_jitter_p``, is
+    accepted as an alias.
     """
 
     jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -107,10 +109,17 @@ class MultiCropAugmentation:
         std=IMAGENET_STD,
         blur_radius=(0.1, 2.0),
         flip_p=0.5,
-        jitter_p=0.8,
+        color_jitter_p=0.8,
         grayscale_p=0.2,
         solarize_p=0.2,
+        jitter_p=None,
     ):
+        if jitter_p is not None:  # the earlier name of color_jitter_p
+            if color_jitter_p != 0.8 and color_jitter_p != jitter_p:
+                raise ValueError(
+                    f"color_jitter_p={color_jitter_p} and its alias jitter_p={jitter_p} disagree; give one."
+                )
+            color_jitter_p = jitter_p
         if global_crops_number < 1:
             raise ValueError("global_crops_number must be >= 1.")
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
@@ -127,13 +136,21 @@ class MultiCropAugmentation:
         # Official radius range in pixels, meant for 224/96-px crops; scale it down for tiny
         # crops, where a 2-px blur erases the content.
         self.blur_radius = tuple(float(r) for r in blur_radius)
-        check_view_recipe(
-            dict(flip_p=flip_p, jitter_p=jitter_p, grayscale_p=grayscale_p, solarize_p=solarize_p), self.blur_radius
-        )
+        rates = dict(flip_p=flip_p, color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, solarize_p=solarize_p)
+        check_view_recipe(rates, self.blur_radius)
         self.flip_p = float(flip_p)
-        self.jitter_p = float(jitter_p)
+        self.color_jitter_p = float(color_jitter_p)
         self.grayscale_p = float(grayscale_p)
         self.solarize_p = float(solarize_p)
+
+    @property
+    def jitter_p(self):
+        """``color_jitter_p`` under its earlier name."""
+        return self.color_jitter_p
+
+    @jitter_p.setter
+    def jitter_p(self, value):
+        self.color_jitter_p = float(value)
 
     # probabilities per crop kind: (blur, solarize)
     def crop_recipe(self, index):
@@ -146,7 +163,7 @@ class MultiCropAugmentation:
         if rng.random() < self.flip_p:
             log.append("flip")
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        if rng.random() < self.jitter_p:
+        if rng.random() < self.color_jitter_p:
             log.append("jitter")
             b, c, s, h = self.jitter
             factors = (rng.uniform(1 - b, 1 + b), rng.uniform(1 - c, 1 + c), rng.uniform(1 - s, 1 + s), rng.uniform(-h, h))

@@ -28,6 +28,10 @@ from ibot_keras.masking import BlockMasking
 # format, a decompression bomb, a file that disappeared.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
+# Extra seed word of the per-batch generator of stratified mask ratios (a 4-word seed, apart
+# from the 3-word per-image seeds (seed, epoch, position)).
+_STRATA_STREAM = 0x5354524154
+
 
 def _grain():
     try:
@@ -74,6 +78,11 @@ class BatchMaker:
     that cannot be read is replaced by the next readable image of the source (index + 1,
     + 2, ...; the same replacement on every run); ``"replaced"`` in the returned dict lists
     ``(index, replacement, error)`` for ``report_replaced``.
+
+    With a ``stratified`` masking, the global crops of the batch holding positions
+    ``b * batch_size ...`` share one ``batch_ratios`` draw from a generator seeded by
+    ``(seed, epoch, b)`` (``mask_ratios``): a batch's masks still depend only on (seed, epoch,
+    position), whatever the workers or shards.
     """
 
     def __init__(self, source, augmentation, masking, patch_size, batch_size, seed=0, shuffle=True,
@@ -123,13 +132,22 @@ class BatchMaker:
             f"{attempt} images of the source; check the files."
         )
 
+    def mask_ratios(self, epoch, position, num_crops):
+        """``(num_crops,)`` stratified mask ratios of the image at ``position``: its slice of
+        the ``batch_size * num_crops`` ratios of its batch (``BlockMasking.batch_ratios``)."""
+        batch_index, slot = divmod(int(position), self.batch_size)
+        rng = np.random.default_rng([self.seed, epoch, batch_index, _STRATA_STREAM])
+        ratios = self.masking.batch_ratios(self.batch_size * num_crops, rng)
+        return ratios[slot * num_crops : (slot + 1) * num_crops]
+
     def sample(self, epoch, position, order=None, replaced=None):
         """Crops and masks of the image at ``position`` of the epoch's order."""
         order = self.order(epoch) if order is None else order
         rng = np.random.default_rng([self.seed, epoch, position])
         image = self.read(int(order[position]), [] if replaced is None else replaced)
         globals_, locals_ = self.augmentation(image, rng)
-        masks = self.masking.image_masks(len(globals_), self.grid, self.grid, rng, epoch)
+        ratios = self.mask_ratios(epoch, position, len(globals_)) if self.masking.stratified else None
+        masks = self.masking.image_masks(len(globals_), self.grid, self.grid, rng, epoch, ratios)
         return globals_, locals_, masks
 
     def make(self, epoch, start, stop):
@@ -288,21 +306,27 @@ def augmentation_from_config(config):
     return MultiCropAugmentation(
         config.global_crops_number, config.local_crops_number, config.global_crops_scale,
         config.local_crops_scale, config.global_crop_size, config.local_crop_size,
-        blur_radius=config.blur_radius, flip_p=config.flip_p, jitter_p=config.color_jitter_p,
+        blur_radius=config.blur_radius, flip_p=config.flip_p, color_jitter_p=config.color_jitter_p,
         grayscale_p=config.grayscale_p, solarize_p=config.solarize_p,
     )
 
 
-def masking_from_config(config):
+def masking_from_config(config, stratified=None):
     """The config's ``BlockMasking`` (``pred_ratio``, ``pred_ratio_var``, ``pred_shape``,
-    ``pred_start_epoch``)."""
+    ``pred_start_epoch``; ``stratified``: default the config's ``pred_ratio_stratified``, off
+    when it has none)."""
+    if stratified is None:
+        stratified = config.pred_ratio_stratified
     return BlockMasking(config.pred_ratio, config.pred_ratio_var, config.pred_shape,
-                        pred_start_epoch=config.pred_start_epoch)
+                        pred_start_epoch=config.pred_start_epoch, stratified=stratified)
 
 
-def build_pipeline(config, source, workers=None, num_shards=1, shard_index=0, mask_dtype="bool", **kwargs):
+def build_pipeline(config, source, workers=None, num_shards=1, shard_index=0, mask_dtype="bool",
+                   pred_ratio_stratified=None, **kwargs):
     """The ``Pipeline`` of a ``PretrainConfig``: its crops, views, masks, batch size, epochs
     and seed, with ``workers`` augmentation processes (default ``config.num_workers``).
+    ``pred_ratio_stratified``: stratify the mask ratios across each batch (``BlockMasking``'s
+    ``stratified``; default: the config's, see ``masking_from_config``).
 
     ``source`` may also be a folder path (an ``ImageFolderSource``). ``num_shards`` /
     ``shard_index``: this process's part of every global batch under data parallelism.
@@ -311,8 +335,9 @@ def build_pipeline(config, source, workers=None, num_shards=1, shard_index=0, ma
     if isinstance(source, str):
         source = ImageFolderSource(source)
     workers = config.num_workers if workers is None else workers
+    masking = masking_from_config(config, pred_ratio_stratified)
     return Pipeline(
-        source, augmentation_from_config(config), masking_from_config(config), config.patch_size,
+        source, augmentation_from_config(config), masking, config.patch_size,
         config.batch_size, config.epochs, seed=config.seed, workers=workers, num_shards=num_shards,
         shard_index=shard_index, mask_dtype=mask_dtype, **kwargs,
     )

@@ -102,7 +102,7 @@ def layer_ids(model):
     for name, variable, _ in backbone.official_weights():
         if not variable.trainable:
             continue
-        if name in ("cls_token", "pos_embed", "masked_embed") or name.startswith("patch_embed."):
+        if name in ("cls_token", "register_tokens", "pos_embed", "masked_embed") or name.startswith("patch_embed."):
             ids[variable.path] = 0
         elif name.startswith("blocks."):
             ids[variable.path] = int(name.split(".")[1]) + 1
@@ -121,11 +121,12 @@ def layerwise_lr_scales(model, decay):
 
 def no_weight_decay_paths(model):
     """Paths of the trainable variables BEiT excludes from weight decay: 1-D weights (biases,
-    LayerNorm scale and offset), ``pos_embed``, ``cls_token`` (and ``masked_embed``)."""
+    LayerNorm scale and offset), ``pos_embed``, ``cls_token`` (and ``masked_embed``, register tokens)."""
     backbone, _ = _backbone_and_head_variables(model)
     skip = {id(backbone.pos_embed), id(backbone.cls_token)}
-    if backbone.masked_embed is not None:
-        skip.add(id(backbone.masked_embed))
+    for extra in (backbone.masked_embed, backbone.register_tokens):
+        if extra is not None:
+            skip.add(id(extra))
     return [v.path for v in model.trainable_variables if len(v.shape) == 1 or id(v) in skip]
 
 

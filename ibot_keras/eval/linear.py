@@ -67,7 +67,7 @@ class MultiBlockFeatures(BackboneWrapper):
                 outputs.append(self.backbone.norm(x))
         features = [tokens[:, 0] for tokens in outputs]
         if self.avgpool_patchtokens:
-            features.append(ops.mean(outputs[-1][:, 1:], axis=1))
+            features.append(ops.mean(self.backbone.drop_registers(outputs[-1])[:, 1:], axis=1))
         return ops.concatenate(features, axis=-1)
 
     def compute_output_shape(self, images_shape):

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from ibot_keras.backend_specific import attention
 from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.initializers import linear_kernel_init
 
@@ -39,8 +40,8 @@ class Attention(keras.layers.Layer):
     def _split_heads(self, x):
         batch, tokens = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(self.qkv(x), (batch, tokens, 3, self.num_heads, self.head_dim))
-        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, heads, T, head_dim)
-        return qkv[0], qkv[1], qkv[2]
+        # unstack, not indexing: on torch, one copy in the backward instead of three zero-filled ones.
+        return tuple(ops.transpose(t, (0, 2, 1, 3)) for t in ops.unstack(qkv, 3, axis=2))  # (B, heads, T, head_dim)
 
     def attention_probs(self, x):
         """Attention weights ``(B, heads, T, T)``."""
@@ -51,8 +52,7 @@ class Attention(keras.layers.Layer):
     def call(self, x):
         batch, tokens = ops.shape(x)[0], ops.shape(x)[1]
         q, k, v = self._split_heads(x)
-        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (self.head_dim**-0.5)
-        out = ops.matmul(ops.softmax(scores, axis=-1), v)  # (B, heads, T, head_dim)
+        out = attention(q, k, v, self.head_dim**-0.5)  # (B, heads, T, head_dim)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (batch, tokens, self.dim))
         return self.proj(out)
 

@@ -40,13 +40,16 @@ class IBOTHead(keras.layers.Layer):
     On ``(B, 1 + N, D)`` returns ``(cls_logits (B, K), patch_logits (B, N, Kp))``; on ``(B, D)``
     (CLS tokens only, the DINO path) returns ``cls_logits (B, K)``.
 
-    The MLP (``num_layers`` Linear layers, ``hidden_dim`` wide, optional LayerNorm
+    The MLP (``nlayers`` Linear layers, ``hidden_dim`` wide, optional LayerNorm
     (``norm="ln"``, eps 1e-5) and activation between them, none after the ``bottleneck_dim``
     output) is shared by both outputs. Its output is L2-normalised (eps 1e-12) and projected
     by weight-normalised prototype layers: ``last_layer`` (``K = out_dim``) for the CLS token
     and ``last_layer2`` (``Kp = patch_out_dim``) for patches, or the same layer when
     ``shared_head=True`` (then ``Kp = K``). ``norm_last_layer=True`` freezes the norm ``g``
     at 1. Logits are float32.
+
+    ``nlayers`` is the official ``iBOTHead`` argument (``PretrainConfig.head_nlayers``);
+    ``num_layers``, its earlier name here, is accepted as an alias (also in saved configs).
     """
 
     def __init__(
@@ -55,7 +58,7 @@ class IBOTHead(keras.layers.Layer):
         patch_out_dim=None,
         hidden_dim=2048,
         bottleneck_dim=256,
-        num_layers=3,
+        nlayers=3,
         norm=None,
         act="gelu",
         norm_last_layer=True,
@@ -63,6 +66,11 @@ class IBOTHead(keras.layers.Layer):
         in_dim=None,
         **kwargs,
     ):
+        if "num_layers" in kwargs:  # the earlier name (configs saved before the rename)
+            alias = kwargs.pop("num_layers")
+            if nlayers != 3 and alias != nlayers:
+                raise ValueError(f"IBOTHead: nlayers={nlayers!r} and its alias num_layers={alias!r} disagree.")
+            nlayers = alias
         # Applied after the sublayers exist, so that trainable=False reaches them.
         trainable = kwargs.pop("trainable", True)
         super().__init__(**kwargs)
@@ -81,7 +89,7 @@ class IBOTHead(keras.layers.Layer):
         self.bottleneck_dim = _positive_int(
             "bottleneck_dim", bottleneck_dim, " (the no-bottleneck head is not implemented)"
         )
-        self.num_layers = _positive_int("num_layers", num_layers, " (1 is a single Linear to bottleneck_dim)")
+        self.nlayers = _positive_int("nlayers", nlayers, " (1 is a single Linear to bottleneck_dim)")
         self.norm = norm
         self.act = act
         self.norm_last_layer = bool(norm_last_layer)
@@ -92,11 +100,11 @@ class IBOTHead(keras.layers.Layer):
         dense = lambda units, name: Dense(  # noqa: E731
             units, kernel_initializer=linear_kernel_init(), name=name
         )
-        if self.num_layers == 1:
+        if self.nlayers == 1:
             mlp.append((None, dense(self.bottleneck_dim, "mlp")))
         else:
             index = 0
-            for i in range(self.num_layers - 1):
+            for i in range(self.nlayers - 1):
                 mlp.append((index, dense(self.hidden_dim, f"mlp_{index}")))
                 index += 1
                 if norm == "ln":
@@ -125,6 +133,11 @@ class IBOTHead(keras.layers.Layer):
         if self.in_dim is not None:
             self.build((None, self.in_dim))
         self.trainable = trainable
+
+    @property
+    def num_layers(self):
+        """``nlayers`` under its earlier name."""
+        return self.nlayers
 
     def build(self, input_shape):
         in_dim = int(input_shape[-1])
@@ -202,7 +215,7 @@ class IBOTHead(keras.layers.Layer):
             patch_out_dim=self.requested_patch_out_dim,
             hidden_dim=self.hidden_dim,
             bottleneck_dim=self.bottleneck_dim,
-            num_layers=self.num_layers,
+            nlayers=self.nlayers,
             norm=self.norm,
             act=self.act,
             norm_last_layer=self.norm_last_layer,

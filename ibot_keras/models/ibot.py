@@ -8,12 +8,11 @@ from ibot_keras.backend_specific import PostOptimizerStep
 from ibot_keras.callbacks import NonFiniteStop
 from ibot_keras.losses import IBOTLoss, koleo_loss
 from ibot_keras.metrics import LastValue
-from ibot_keras.models import checks
-from ibot_keras.models.diagnostics import collapse_statistics, optimizer_values
-from ibot_keras.models.ema import copy_by_name, ema_update, pair_by_name
+from ibot_keras.models import after_step, checks, step_logs
+from ibot_keras.models.ema import copy_by_name, pair_by_name
 from ibot_keras.models.head import IBOTHead
 from ibot_keras.models.masked_positions import masked_position_logits
-from ibot_keras.models.skipped_steps import all_finite, keep_or_restore, optimizer_applied, skip_counts
+from ibot_keras.models.skipped_steps import optimizer_applied
 from ibot_keras.models.vit import VisionTransformer
 from ibot_keras.schedules import CosineSchedule
 
@@ -144,7 +143,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         self.wd_tracker = LastValue(name="wd")
         self.teacher_temp_tracker = LastValue(name="teacher_temp")
         self.momentum_tracker = LastValue(name="teacher_momentum")
-        # Collapse diagnostics of the teacher's CLS distributions (see compute_loss).
+        # Collapse diagnostics of the teacher's CLS distributions (see models.step_logs).
         self.teacher_entropy_tracker = keras.metrics.Mean(name="teacher_entropy")
         self.teacher_batch_entropy_tracker = keras.metrics.Mean(name="teacher_batch_entropy")
         self.kl_tracker = keras.metrics.Mean(name="kl")
@@ -308,7 +307,7 @@ class IBOT(PostOptimizerStep, keras.Model):
         step = ops.convert_to_tensor(self.step)
         epoch = step // self.steps_per_epoch
         temperatures = self.teacher_temperatures(step)
-        teacher_entropy = self._update_collapse_diagnostics(y_pred["teacher_cls"], temperatures[0])
+        teacher_entropy = step_logs.log_collapse_statistics(self, y_pred["teacher_cls"], temperatures[0])
         out = self.ibot_loss(
             y_pred["student_cls"],
             y_pred["student_patch"],
@@ -321,27 +320,11 @@ class IBOT(PostOptimizerStep, keras.Model):
             temperatures=temperatures,
             teacher_patch_mean=y_pred.get("teacher_patch_mean"),
         )
-        # Under data parallelism these are this replica's values; metric_value makes the logs
-        # global-batch values on every backend (see backend_specific).
-        metric = backend_specific.metric_value
-        if "masked_dropped" in y_pred:
-            self.masked_dropped_tracker.update_state(metric(y_pred["masked_dropped"], "sum"))
-        if self.ibot_loss.lambda1:
-            # KL(teacher || student) averaged over the CLS pairs = CE - teacher entropy.
-            self.kl_tracker.update_state(metric(out["cls"] / self.ibot_loss.lambda1 - teacher_entropy))
-        self.cls_tracker.update_state(metric(out["cls"]))
-        self.patch_tracker.update_state(metric(out["patch"]))
-        self.teacher_temp_tracker.update_state(temperatures[0])
-        self.momentum_tracker.update_state(1.0 - self.teacher_momentum_one_minus(step))
-        if self.optimizer is not None:
-            lr, wd = optimizer_values(self.optimizer, step)
-            self.lr_tracker.update_state(lr)
-            if wd is not None:
-                self.wd_tracker.update_state(wd)
+        step_logs.log_loss_terms(self, y_pred, out, step, temperatures[0], teacher_entropy)
         loss = out["loss"]
         if self.koleo_loss_weight:
             koleo = koleo_loss(ops.swapaxes(y_pred["student_cls_features"], 0, 1))  # per crop, averaged
-            self.koleo_tracker.update_state(metric(koleo))
+            self.koleo_tracker.update_state(backend_specific.metric_value(koleo))
             loss = loss + self.koleo_loss_weight * koleo
         # A non-finite loss makes every gradient NaN (NaN * g), so the optimizer skips the step.
         loss = loss * ops.stop_gradient(ops.where(ops.isfinite(loss), 1.0, float("nan")))
@@ -349,28 +332,10 @@ class IBOT(PostOptimizerStep, keras.Model):
         # those of the global batch (not the replica count times them).
         return backend_specific.replica_loss(loss)
 
-    def _update_collapse_diagnostics(self, teacher_cls, temp):
-        """Log ``collapse_statistics`` of the teacher CLS outputs with the loss's center (see
-        ``ibot_keras.models.diagnostics``); returns this replica's mean teacher entropy.
-        ``kl`` (logged in ``compute_loss``): KL(teacher || student) over the loss's view pairs,
-        what is left to learn. Healthy training keeps ``teacher_entropy`` well below
-        ``log(out_dim)`` and ``teacher_batch_entropy`` well above 0."""
-        stats = collapse_statistics(teacher_cls, self.ibot_loss.center, temp)
-        self.teacher_entropy_tracker.update_state(backend_specific.metric_value(stats["teacher_entropy"]))
-        self.teacher_batch_entropy_tracker.update_state(stats["teacher_batch_entropy"])
-        self.prototype_usage_tracker.update_state(stats["prototype_usage"])
-        return stats["teacher_entropy"]
-
-    def _restored_metric_variables(self):
-        """Metric variables a skipped step leaves as they were (all but the skip counters)."""
-        excluded = {id(v) for tracker in (self.skipped_tracker, self.consecutive_tracker) for v in tracker.variables}
-        return [v for v in self.metrics_variables if id(v) not in excluded]
-
     def step_snapshot_variables(self):
         """Variables whose pre-step values the train step hands to ``after_optimizer_step``:
         the optimizer's iteration count, both centers and the metric variables."""
-        return [self.optimizer.iterations, self.ibot_loss.center, self.ibot_loss.patch_center,
-                *self._restored_metric_variables()]
+        return after_step.snapshot_variables(self)
 
     def step_applied(self, iterations_before):
         """Whether the optimizer applied this step (a bool tensor; call after it ran): see
@@ -379,36 +344,10 @@ class IBOT(PostOptimizerStep, keras.Model):
 
     def after_optimizer_step(self, snapshot):
         """Teacher EMA with this step's momentum, then ``step += 1`` (runs in the train step);
-        returns the step's logs.
-
-        ``snapshot``: the pre-step values of ``step_snapshot_variables()``. On a skipped step
-        (``step_applied`` False: non-finite loss or gradients, or a float16 overflow) the
-        centers and metrics get their pre-step values back, the teacher does not move and the
-        skip counters advance. As in the official code the iteration still counts for the
-        lr/wd/freeze schedules (the official ``it``), while the per-parameter Adam step counts
-        do not advance: Keras' loss-scale optimizer leaves ``iterations`` behind on a skipped
-        step, so catch it up. (Deviation: the official fp16 loop skips only the AdamW step and
-        still moves the centers and the teacher.) Variables are float32 and no autocast scope is
-        active here, so the EMA (``1 - m`` down to 1e-4) runs in float32 under any dtype policy.
-        """
-        step = ops.convert_to_tensor(self.step)
-        iterations_before, center_before, patch_center_before, *metrics_before = snapshot
-        applied = self.step_applied(iterations_before)
-        self.optimizer.iterations.assign(iterations_before + ops.ones_like(iterations_before))
-        keep_or_restore(applied, (self.ibot_loss.center, self.ibot_loss.patch_center),
-                        (center_before, patch_center_before))
-        # A skipped step whose logged values are not finite is left out of the epoch's metrics
-        # (a float16 overflow skip, with a finite loss, is still logged).
-        metric_variables = self._restored_metric_variables()
-        keep_or_restore(ops.logical_or(applied, all_finite(metric_variables)), metric_variables, metrics_before)
-        ema_update(self._ema_pairs, self.teacher_momentum_one_minus(step), applied)
-        skipped, consecutive = skip_counts(applied, self.skipped_steps, self.consecutive_skips)
-        self.skipped_steps.assign(skipped)
-        self.consecutive_skips.assign(consecutive)
-        self.skipped_tracker.update_state(skipped)
-        self.consecutive_tracker.update_state(consecutive)
-        self.step.assign(step + 1)
-        return self.get_metrics_result()
+        returns the step's logs. ``snapshot``: the pre-step values of
+        ``step_snapshot_variables()``. A skipped step is undone: see
+        ``ibot_keras.models.after_step.finish_step``."""
+        return after_step.finish_step(self, snapshot)
 
     @property
     def metrics(self):

@@ -29,6 +29,13 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _non_negative_int(name, value):
+    """``value`` as an int >= 0 (a whole float is accepted), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 0:
+        raise ValueError(f"VisionTransformer: {name}={value!r} is not allowed: must be an integer >= 0.")
+    return int(value)
+
+
 @keras.saving.register_keras_serializable(package="ibot_keras")
 class VisionTransformer(keras.Model):
     """ViT backbone with the official iBOT/DINO semantics.
@@ -41,6 +48,13 @@ class VisionTransformer(keras.Model):
     Masked patch embeddings are replaced by ``masked_embed`` (zeros at init) before the CLS
     token and the (interpolated) position embedding are added. Stochastic depth rates rise
     linearly from 0 in block 0 to ``drop_path_rate`` in the last block.
+
+    ``num_registers`` (default 0: the official model): ``n`` learned register tokens
+    (``register_tokens`` ``(1, n, D)``, initialised like ``cls_token``; "Vision Transformers
+    Need Registers", DINOv2) inserted after [CLS] and before the patches once the position
+    embedding is added, so they get none. The blocks see ``(B, 1 + n + N, D)``
+    (``prepare_tokens``); the outputs drop the registers (``drop_registers``), so ``vit(images)``
+    is still ``(B, 1 + N, D)``.
     """
 
     def __init__(
@@ -56,6 +70,7 @@ class VisionTransformer(keras.Model):
         image_size=224,
         in_channels=3,
         seed=None,
+        num_registers=0,
         **kwargs,
     ):
         # Applied after the sublayers exist, so that trainable=False reaches them.
@@ -72,6 +87,7 @@ class VisionTransformer(keras.Model):
         self.image_size = _positive_int("image_size", image_size)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.seed = seed
+        self.num_registers = _non_negative_int("num_registers", num_registers)
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"VisionTransformer: embed_dim={embed_dim} is not divisible by num_heads={num_heads} "
@@ -129,6 +145,13 @@ class VisionTransformer(keras.Model):
             self.masked_embed = self.add_weight(
                 name="masked_embed", shape=(1, self.embed_dim), initializer="zeros"
             )
+        self.register_tokens = None
+        if self.num_registers:
+            self.register_tokens = self.add_weight(
+                name="register_tokens",
+                shape=(1, self.num_registers, self.embed_dim),
+                initializer=linear_kernel_init(),
+            )
         self.patch_embed.build((None, self.image_size, self.image_size, self.in_channels))
         for block in self.blocks:
             block.build((None, None, self.embed_dim))
@@ -178,7 +201,8 @@ class VisionTransformer(keras.Model):
         return interpolate_position_embedding(ops.convert_to_tensor(self.pos_embed), rows, cols)
 
     def prepare_tokens(self, images, masks=None):
-        """Patch embedding, mask-token replacement, CLS concat and position add: ``(B, 1+N, D)``."""
+        """Patch embedding, mask-token replacement, CLS concat, position add and the register
+        tokens: ``(B, 1 + n + N, D)`` ([CLS], ``n = num_registers`` registers, patches)."""
         rows, cols = self._check_images(images)
         tokens = self.patch_embed(images)
         batch = ops.shape(tokens)[0]
@@ -189,20 +213,41 @@ class VisionTransformer(keras.Model):
             tokens = ops.where(ops.expand_dims(flat, -1), mask_token[None], tokens)
         cls = ops.broadcast_to(ops.cast(ops.convert_to_tensor(self.cls_token), tokens.dtype), (batch, 1, self.embed_dim))
         tokens = ops.concatenate([cls, tokens], axis=1)
-        return tokens + ops.cast(self.position_embedding_for(rows, cols), tokens.dtype)
+        tokens = tokens + ops.cast(self.position_embedding_for(rows, cols), tokens.dtype)
+        if not self.num_registers:
+            return tokens
+        registers = ops.cast(ops.convert_to_tensor(self.register_tokens), tokens.dtype)
+        registers = ops.broadcast_to(registers, (batch, self.num_registers, self.embed_dim))
+        return ops.concatenate([tokens[:, :1], registers, tokens[:, 1:]], axis=1)
+
+    def drop_registers(self, tokens, axis=1):
+        """``tokens`` without the register positions along ``axis``: ``(B, 1 + n + N, D)`` ->
+        ``(B, 1 + N, D)``; unchanged when ``num_registers`` is 0."""
+        if not self.num_registers:
+            return tokens
+        before = (slice(None),) * axis
+        head, rest = tokens[before + (slice(0, 1),)], tokens[before + (slice(1 + self.num_registers, None),)]
+        return ops.concatenate([head, rest], axis=axis)
 
     def call(self, images, masks=None, training=False):
         x = self.prepare_tokens(images, masks)
         for block in self.blocks:
             x = block(x, training=training)
-        return self.norm(x)
+        return self.drop_registers(self.norm(x))
 
-    def get_last_selfattention(self, images, masks=None):
-        """Attention weights of the last block, ``(B, heads, 1 + N, 1 + N)`` (inference mode)."""
+    def get_last_selfattention(self, images, masks=None, include_registers=False):
+        """Attention weights of the last block (inference mode), ``(B, heads, 1 + N, 1 + N)``:
+        [CLS] then the patches, as queries (axis 2) and keys (axis 3). With registers the rows
+        are the [CLS]/patch rows and columns of the full softmax (the weight on the registers
+        is left out, so a row sums to less than 1); ``include_registers=True`` returns the full
+        ``(B, heads, 1 + n + N, 1 + n + N)`` map in ``prepare_tokens`` order."""
         x = self.prepare_tokens(images, masks)
         for block in self.blocks[:-1]:
             x = block(x, training=False)
-        return self.blocks[-1].attention_probs(x)
+        attention = self.blocks[-1].attention_probs(x)
+        if include_registers:
+            return attention
+        return self.drop_registers(self.drop_registers(attention, axis=2), axis=3)
 
     def compute_output_shape(self, images_shape, masks_shape=None):
         rows = images_shape[1] // self.patch_size
@@ -217,6 +262,8 @@ class VisionTransformer(keras.Model):
         ``ibot_keras.checkpoint``): ``"same"``, ``"linear"`` (transpose) or ``"conv"``.
         """
         weights = [("cls_token", self.cls_token, "same"), ("pos_embed", self.pos_embed, "same")]
+        if self.register_tokens is not None:  # DINOv2's name and place
+            weights.append(("register_tokens", self.register_tokens, "same"))
         if self.masked_embed is not None:
             weights.append(("masked_embed", self.masked_embed, "same"))
         weights += [
@@ -263,6 +310,7 @@ class VisionTransformer(keras.Model):
             image_size=self.image_size,
             in_channels=self.in_channels,
             seed=self.seed,
+            num_registers=self.num_registers,
         )
         return config
 

@@ -39,6 +39,10 @@ def to_keras_hub(vit, image_size=None):
     image_size = int(image_size or vit.image_size)
     if image_size % vit.patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={vit.patch_size}.")
+    if vit.num_registers:
+        raise ValueError(
+            f"keras-hub's ViTBackbone has no register tokens; this backbone has num_registers={vit.num_registers}."
+        )
     if not vit.qkv_bias:
         raise ValueError(
             "keras-hub's ViTBackbone ties the attention output bias to the qkv bias option; "

@@ -158,9 +158,10 @@ _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16}
 def backbone_from_official(source, *, part="teacher", num_heads=None, image_size=None, strict=True, **kwargs):
     """A ``VisionTransformer`` built to fit an official/timm/DINO state and loaded from it.
 
-    Width, depth, patch size, MLP ratio, qkv bias, mask token and the trained image size are
-    read off the tensors; ``num_heads`` is not stored, so it defaults to the official value for
-    the width (ViT-T/S/B/L: 3/6/12/16) and must be given otherwise. ``image_size`` (default: the
+    Width, depth, patch size, MLP ratio, qkv bias, mask token, register tokens (DINOv2's
+    ``register_tokens``) and the trained image size are read off the tensors; ``num_heads`` is
+    not stored, so it defaults to the official value for the width (ViT-T/S/B/L: 3/6/12/16)
+    and must be given otherwise. ``image_size`` (default: the
     trained one) resizes the position table the official way.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -178,6 +179,8 @@ def backbone_from_official(source, *, part="teacher", num_heads=None, image_size
         if width not in _HEADS_BY_WIDTH:
             raise ValueError(f"Embedding width {width} is not an official size: pass num_heads=.")
         num_heads = _HEADS_BY_WIDTH[width]
+    registers = state.get("register_tokens")
+    kwargs.setdefault("num_registers", 0 if registers is None else int(np.shape(registers)[1]))
     from ibot_keras.models.vit import VisionTransformer
 
     vit = VisionTransformer(

@@ -69,6 +69,7 @@ def load_state(weights, state, what="model", strict=True):
             lines.append(f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if mismatched:
             lines.append(f"Shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+        lines += _register_hints(missing, unexpected, state)
         if not mismatched:
             lines.append("Pass strict=False to load the matching keys anyway (the others are reported).")
         raise ValueError("\n".join(lines))
@@ -81,6 +82,19 @@ def load_state(weights, state, what="model", strict=True):
     for variable, value in updates:
         variable.assign(value.astype(variable.dtype))
     return LoadReport(missing=missing, unexpected=unexpected)
+
+
+def _register_hints(missing, unexpected, state):
+    """What to do when only one side has ViT register tokens (``num_registers``)."""
+    if any(name.endswith("register_tokens") for name in missing):
+        return ["The checkpoint has no register tokens (official iBOT/DINO checkpoints have none) but the "
+                "model was built with num_registers > 0: build it with num_registers=0, or pass "
+                "strict=False to load the rest and keep the registers at their initial values."]
+    for name in unexpected:
+        if name.endswith("register_tokens") and np.ndim(state[name]) == 3:
+            return [f"The checkpoint has {np.shape(state[name])[1]} register tokens ('{name}'): build "
+                    f"the model with num_registers={np.shape(state[name])[1]}."]
+    return []
 
 
 def export_state(weights):
