@@ -37,7 +37,7 @@ def value_and_grad(fn, *args):
         tensors = [torch.tensor(np.asarray(a), requires_grad=True) for a in args]
         value = fn(*tensors)
         value.backward()
-        return value.detach().numpy(), [t.grad.numpy() for t in tensors]
+        return value.detach().cpu().numpy(), [t.grad.cpu().numpy() for t in tensors]
     if BACKEND == "tensorflow":
         import tensorflow as tf
 

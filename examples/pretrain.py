@@ -7,7 +7,14 @@
 Flags are the official ``main_ibot.py`` names (every ``PretrainConfig`` field is a flag;
 ``--batch_size_per_gpu`` is accepted as the per-device batch; ``--num_workers`` augmentation
 processes). Re-running the same command with the same ``--output_dir`` resumes exactly where
-the last checkpoint left off (every epoch, and every ``--saveckp_steps`` steps if given). The defaults below are sized
+the last checkpoint left off (every epoch, and every ``--saveckp_steps`` steps if given).
+
+Which settings a run starts from (flags given always win; the line ``settings: ...`` says what
+was chosen): ``--data_path DIR`` of small data (up to 200k images of at most 96 px) gets the
+small-data recipe (``ibot_keras.recipes.small_data``: model, head, views, Sinkhorn-Knopp
+centering, schedule lengths for the folder's size), a larger folder the official defaults,
+``--official_defaults`` always the official ones. Warm-ups you do not give are fitted to
+``--epochs``, so ``--epochs 4`` works alone. Without ``--data_path`` the defaults are sized
 for the embedded scikit-learn digits (1,797 real 8x8 images) so a run finishes in minutes on
 two CPU cores, and three of them depart from the official recipe because digits need it
 (benchmarks/RESULTS.md): views without flip, colour jitter or solarisation and with a blur radius
@@ -99,8 +106,8 @@ def main(argv=None):
 
 
 def train(args, parallel):
-    config = config_from_args(args, parallel.num_replicas)
     chief = parallel.shard_index == 0  # the process that writes files
+    config = config_from_args(args, parallel.num_replicas, report=print if chief and args.verbose else None)
     if not chief:
         args.verbose = 0
     if config.batch_size % parallel.num_replicas:

@@ -77,10 +77,12 @@ def dense(x, kernel, bias=None):
     if _BACKEND == "jax":
         import jax.numpy as jnp
 
+        from ibot_keras import jax_kernels
+
         kernel = jnp.asarray(kernel)
         if bias is None:
-            return _jax_dense_no_bias(x, kernel)
-        return _jax_dense(x, kernel, jnp.asarray(bias))
+            return jax_kernels.dense_no_bias(x, kernel)
+        return jax_kernels.dense(x, kernel, jnp.asarray(bias))
     if _BACKEND == "torch":
         import torch
 
@@ -89,41 +91,6 @@ def dense(x, kernel, bias=None):
         return torch.nn.functional.linear(x, kernel.T, bias)
     out = keras.ops.matmul(x, kernel)
     return out if bias is None else out + bias
-
-
-if _BACKEND == "jax":
-    import jax
-
-    def _dense_backward(x, kernel, g):
-        rows = (-1, x.shape[-1])
-        x2, g2 = x.reshape(rows), g.reshape((-1, g.shape[-1]))
-        return g @ kernel.T, x2.T @ g2, g2
-
-    @jax.custom_vjp
-    def _jax_dense(x, kernel, bias):
-        return x @ kernel + bias
-
-    def _jax_dense_forward(x, kernel, bias):
-        return x @ kernel + bias, (x, kernel)
-
-    def _jax_dense_grads(residuals, g):
-        dx, dkernel, g2 = _dense_backward(*residuals, g)
-        return dx, dkernel, g2.sum(axis=0)
-
-    _jax_dense.defvjp(_jax_dense_forward, _jax_dense_grads)
-
-    @jax.custom_vjp
-    def _jax_dense_no_bias(x, kernel):
-        return x @ kernel
-
-    def _jax_dense_no_bias_forward(x, kernel):
-        return x @ kernel, (x, kernel)
-
-    def _jax_dense_no_bias_grads(residuals, g):
-        dx, dkernel, _ = _dense_backward(*residuals, g)
-        return dx, dkernel
-
-    _jax_dense_no_bias.defvjp(_jax_dense_no_bias_forward, _jax_dense_no_bias_grads)
 
 
 def attention(q, k, v, scale):
@@ -137,7 +104,9 @@ def attention(q, k, v, scale):
     Keras' ops.
     """
     if _BACKEND == "jax":
-        return _jax_attention(q, k, v, scale)
+        from ibot_keras import jax_kernels
+
+        return jax_kernels.attention(q, k, v, scale)
     if _BACKEND == "torch":
         import torch
 
@@ -145,30 +114,6 @@ def attention(q, k, v, scale):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     scores = keras.ops.matmul(q, keras.ops.transpose(k, (0, 1, 3, 2))) * scale
     return keras.ops.matmul(keras.ops.softmax(scores, axis=-1), v)
-
-
-if _BACKEND == "jax":
-    import functools
-
-    def _attention_probs(q, k, scale):
-        return jax.nn.softmax((q @ jax.numpy.swapaxes(k, -1, -2)) * scale, axis=-1)
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-    def _jax_attention(q, k, v, scale):
-        return _attention_probs(q, k, scale) @ v
-
-    def _jax_attention_forward(q, k, v, scale):
-        probs = _attention_probs(q, k, scale)
-        return probs @ v, (q, k, v, probs)
-
-    def _jax_attention_grads(scale, residuals, g):
-        q, k, v, probs = residuals
-        swap = functools.partial(jax.numpy.swapaxes, axis1=-1, axis2=-2)
-        dprobs = g @ swap(v)
-        dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale
-        return dscores @ k, swap(dscores) @ q, swap(probs) @ g
-
-    _jax_attention.defvjp(_jax_attention_forward, _jax_attention_grads)
 
 
 def _torch_world_size():

@@ -7,7 +7,9 @@ import typing
 
 import numpy as np
 
+from ibot_keras import recipes
 from ibot_keras.config import PretrainConfig
+from ibot_keras.data.augment import to_pil
 from ibot_keras.data.sources import ArraySource, ImageFolderSource, load_digits
 
 # Small-data defaults for the embedded digits (official values are PretrainConfig's).
@@ -59,16 +61,46 @@ def add_config_arguments(parser):
     return parser
 
 
-def config_from_args(args, num_replicas=1):
-    """The ``PretrainConfig`` of parsed flags: the digits defaults (or the official ones with
-    ``--official_defaults``), then every flag given."""
-    values = {} if args.official_defaults else dict(DIGITS_DEFAULTS)
+def default_settings(args):
+    """The settings a command line starts from, and their name: the official ones
+    (``--official_defaults``), the small-data recipe for an image folder of small data
+    (``ibot_keras.recipes.small_data``), the official ones for other folders, else the digits'."""
+    if args.official_defaults:
+        return {}, "the official defaults"
+    if args.data_path:
+        folder = ImageFolderSource(args.data_path)
+        size = max(to_pil(folder[0]).size) if len(folder) else 0
+        if recipes.is_small_data(len(folder), size):
+            epochs = args.epochs or None
+            return (recipes.small_data(len(folder), size, epochs=epochs),
+                    f"the small-data recipe for {len(folder)} images of {size} px (ibot_keras.recipes.small_data)")
+        return {}, f"the official defaults ({len(folder)} images of {size} px is not small data)"
+    return dict(DIGITS_DEFAULTS), "the digits defaults (ibot_keras.cli.DIGITS_DEFAULTS)"
+
+
+def config_from_args(args, num_replicas=1, report=None):
+    """The ``PretrainConfig`` of parsed flags: ``default_settings(args)``, then every flag given.
+    Warm-ups not given are fitted to ``--epochs`` (``recipes.derive_warmups``: scaled with the
+    run for the digits defaults, cut only where too long for the official ones). ``report``
+    (e.g. ``print``) gets one line naming the settings used."""
+    values, name = default_settings(args)
+    base_epochs = values.get("epochs")
+    given = set()
     for field in dataclasses.fields(PretrainConfig):
         value = getattr(args, field.name)
         if value is not None:
             values[field.name] = value
+            given.add(field.name)
     if args.batch_size_per_gpu:
         values["batch_size"] = args.batch_size_per_gpu * num_replicas
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    for field in ("epochs", "warmup_epochs", "warmup_teacher_temp_epochs", "pred_start_epoch"):
+        values.setdefault(field, defaults[field])
+    recipe = name.startswith("the small-data recipe")
+    values = recipes.derive_warmups(values, given, base_epochs=None if recipe or not base_epochs else base_epochs)
+    if report is not None:
+        shown = ", ".join(f"{k}={values[k]}" for k in sorted(values) if k not in ("output_dir", "data_path"))
+        report(f"settings: {name}{', then the flags given' if given else ''}: {shown}")
     return PretrainConfig(**values)
 
 

@@ -249,6 +249,15 @@ class PretrainConfig:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
+    def small_data(cls, num_images, image_size, **overrides):
+        """Settings for ``num_images`` images of about ``image_size`` px
+        (``ibot_keras.recipes.small_data``), then ``overrides``; an ``epochs`` override also sets
+        the recipe's warm-ups for that run length."""
+        from ibot_keras import recipes
+
+        return cls(**{**recipes.small_data(num_images, image_size, epochs=overrides.get("epochs")), **overrides})
+
+    @classmethod
     def from_dict(cls, values, strict=False):
         """Build from a dict of official names; text values (``"true"``, ``"40"``) are parsed.
 

@@ -10,6 +10,7 @@ grid, computed in float64 NumPy at trace time and applied with one einsum.
 """
 
 import functools
+import math
 
 import numpy as np
 from keras import ops
@@ -30,20 +31,25 @@ def _cubic_far(x):
 
 
 @functools.lru_cache(maxsize=64)
-def bicubic_matrix(in_size, out_size, scale_factor):
-    """``(out_size, in_size)`` float64 matrix of PyTorch bicubic weights for a scale factor."""
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+def _bicubic_rows(in_size, out_size, scale_factor):
+    # Pure Python on constants (no NumPy state): torch.compile's tracer folds it to a constant.
+    rows = []
     scale = 1.0 / scale_factor
     for dst in range(out_size):
         src = scale * (dst + 0.5) - 0.5
-        base = int(np.floor(src))
+        base = math.floor(src)
         t = src - base
         weights = (_cubic_far(t + 1.0), _cubic_near(t), _cubic_near(1.0 - t), _cubic_far(2.0 - t))
+        row = [0.0] * in_size
         for offset, weight in zip((-1, 0, 1, 2), weights):
-            index = min(max(base + offset, 0), in_size - 1)
-            matrix[dst, index] += weight
-    matrix.setflags(write=False)
-    return matrix
+            row[min(max(base + offset, 0), in_size - 1)] += weight
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+def bicubic_matrix(in_size, out_size, scale_factor):
+    """``(out_size, in_size)`` float64 matrix of PyTorch bicubic weights for a scale factor."""
+    return np.array(_bicubic_rows(in_size, out_size, scale_factor), dtype=np.float64)
 
 
 def official_interpolation_matrices(grid_size, out_rows, out_cols):

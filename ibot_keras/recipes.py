@@ -1,0 +1,92 @@
+"""Settings chosen for a dataset instead of the official ImageNet recipe.
+
+``small_data(num_images, image_size)`` is for what users most often bring first: a few thousand
+to ~100k images of at most ~96 px, trained for minutes to hours on a CPU or one GPU. The
+official recipe (ViT-S/16, 8192 prototypes, 100+ epochs, 224-px crops) collapses or does not
+move there (dino#43, #246; dinov2#272; ibot#17). Measured on the datasets of
+``benchmarks/learning.py`` (``docs/training.md`` has the figures); every choice is a
+``PretrainConfig`` field, so any of them can be overridden.
+
+``derive_warmups(values, given)``: warm-up lengths that fit a run of ``values["epochs"]``.
+"""
+
+import math
+
+SMALL_DATA_MAX_IMAGES = 200_000
+SMALL_DATA_MAX_SIZE = 96
+
+
+def is_small_data(num_images, image_size):
+    """True where ``small_data`` applies (up to 200k images of at most 96 px)."""
+    return num_images <= SMALL_DATA_MAX_IMAGES and image_size <= SMALL_DATA_MAX_SIZE
+
+
+def _patch_size(image_size):
+    for patch in (4, 8, 16):
+        if image_size <= 10 * patch:
+            return patch
+    return 16
+
+
+def small_data(num_images, image_size, epochs=None):
+    """``PretrainConfig`` fields for ``num_images`` images of about ``image_size`` px.
+
+    - Patches of 4 px up to 40-px images (8 up to 80, else 16); global crops at the image size,
+      local crops at ~0.43 of it rounded to whole patches (12 px for 28-px images).
+    - A small ViT (D=128, 4 blocks, 4 heads) and head (1024 prototypes, hidden 256, bottleneck
+      64; the teacher head runs on every patch, so a wider one costs more than the backbone).
+    - Sinkhorn-Knopp centering (DINOv2) with teacher temperature 0.04, and KoLeo 0.1: the
+      centered softmax of the official recipe puts every crop on a few prototypes here.
+    - Teacher momentum 0.99 (dino#43's advice for short runs), lr 2e-3 at batch 64.
+    - ``epochs`` (default: about 150k images seen, at least 5 epochs); lr warm-up a tenth and
+      teacher-temperature warm-up a third of the run.
+    """
+    num_images, image_size = int(num_images), int(image_size)
+    if num_images < 1 or image_size < 1:
+        raise ValueError(f"small_data needs num_images >= 1 and image_size >= 1, got {num_images}, {image_size}.")
+    patch = _patch_size(image_size)
+    global_size = max(patch, image_size // patch * patch)
+    local_size = max(patch, round(0.43 * image_size / patch) * patch)
+    batch_size = 64 if num_images >= 640 else max(8, num_images // 10 // 8 * 8)
+    if epochs is None:
+        epochs = max(5, math.ceil(150_000 / num_images))
+    values = dict(
+        arch="vit_tiny", patch_size=patch, embed_dim=128, depth=4, num_heads=4,
+        image_size=global_size, global_crop_size=global_size, local_crop_size=local_size,
+        global_crops_scale=(0.3, 1.0), local_crops_scale=(0.05, 0.3), local_crops_number=4,
+        out_dim=1024, patch_out_dim=1024, shared_head=True, norm_last_layer=True,
+        head_hidden_dim=256, head_bottleneck_dim=64,
+        centering="sinkhorn_knopp", warmup_teacher_temp=0.04, teacher_temp=0.04,
+        warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07, koleo_loss_weight=0.1,
+        momentum_teacher=0.99, batch_size=batch_size, lr=2e-3, min_lr=1e-5, drop_path=0.0,
+        epochs=int(epochs), warmup_epochs=max(1, int(epochs) // 10), warmup_teacher_temp_epochs=max(1, int(epochs) // 3),
+        pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2),
+        solarize_p=0.0, blur_radius=(0.1 * global_size / 224, 2.0 * global_size / 224),
+        saveckp_freq=5,
+    )
+    return values
+
+
+def derive_warmups(values, given, base_epochs=None):
+    """``values`` with the warm-ups not named in ``given`` fitted to ``values["epochs"]``.
+
+    With ``base_epochs`` (the run length the warm-ups were chosen for) they scale with the run:
+    ``warmup * epochs // base_epochs``. Without, they are kept unless the run is too short for
+    them, and then cut to a tenth (lr) and a third (teacher temperature) of the run: a 4-epoch
+    run of the official settings gets 0 and 1.
+    """
+    values = dict(values)
+    epochs = int(values.get("epochs", 100))
+    limits = {"warmup_epochs": epochs // 10, "warmup_teacher_temp_epochs": epochs // 3}
+    too_short = {
+        "warmup_epochs": values.get("warmup_epochs", 0) > epochs,
+        "warmup_teacher_temp_epochs": values.get("warmup_teacher_temp_epochs", 0) + values.get("pred_start_epoch", 0) > epochs,
+    }
+    for name, limit in limits.items():
+        if name in given or name not in values:
+            continue
+        if base_epochs:
+            values[name] = int(values[name]) * epochs // int(base_epochs)
+        elif too_short[name]:
+            values[name] = limit
+    return values
