@@ -6,7 +6,8 @@ The official code resizes the stored ``g x g`` grid with PyTorch's bicubic kerne
 ``(dst + 0.5) * g / (n + 0.1) - 0.5``. Stock resize functions (``keras.ops.image.resize``,
 ``jax.image.resize``, ``tf.image.resize``) use the size-based mapping and a = -0.5 and differ
 by up to ~0.12, so the resize is expressed here as a fixed interpolation matrix per target
-grid, computed in float64 NumPy at trace time and applied with one einsum.
+grid, computed in float64 (plain Python, cached, so that torch.compile folds it to a constant)
+at trace time and applied with one einsum.
 """
 
 import functools
