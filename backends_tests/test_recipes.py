@@ -62,3 +62,9 @@ def test_a_small_image_folder_gets_the_recipe_and_a_short_run_needs_no_warmup_fl
     assert len(lines) == 1 and "small-data recipe for 10 images of 28 px" in lines[0]
     official = config_from_args(_args(["--data_path", str(tmp_path), "--official_defaults", "--epochs", "4"]))
     assert (official.centering, official.warmup_epochs, official.warmup_teacher_temp_epochs) == ("ema", 0, 1)
+    from ibot_keras.data import ImageFolderSource
+
+    opened = ImageFolderSource(str(tmp_path / "a"))  # 5 images: the folder given is not listed again
+    lines = []
+    config_from_args(_args(["--data_path", str(tmp_path)]), report=lines.append, source=opened)
+    assert "recipe for 5 images" in lines[0]

@@ -107,7 +107,9 @@ def main(argv=None):
 
 def train(args, parallel):
     chief = parallel.shard_index == 0  # the process that writes files
-    config = config_from_args(args, parallel.num_replicas, report=print if chief and args.verbose else None)
+    source = source_from_args(args)
+    config = config_from_args(args, parallel.num_replicas, report=print if chief and args.verbose else None,
+                              source=source)
     if not chief:
         args.verbose = 0
     if config.batch_size % parallel.num_replicas:
@@ -126,7 +128,6 @@ def train(args, parallel):
         print(f"backend: {keras.backend.backend()}, data parallel over {parallel.num_replicas} device(s), "
               f"output: {config.output_dir}")
 
-    source = source_from_args(args)
     pipeline = build_pipeline(
         config, source, num_shards=parallel.num_shards, shard_index=parallel.shard_index,
         # Keras 3.15.1 cannot reduce a bool batch across tf.distribute replicas.

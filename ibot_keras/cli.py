@@ -61,14 +61,15 @@ def add_config_arguments(parser):
     return parser
 
 
-def default_settings(args):
+def default_settings(args, source=None):
     """The settings a command line starts from, and their name: the official ones
     (``--official_defaults``), the small-data recipe for an image folder of small data
-    (``ibot_keras.recipes.small_data``), the official ones for other folders, else the digits'."""
+    (``ibot_keras.recipes.small_data``), the official ones for other folders, else the digits'.
+    ``source``: the ``--data_path`` folder already opened (``source_from_args``), not listed again."""
     if args.official_defaults:
         return {}, "the official defaults"
     if args.data_path:
-        folder = ImageFolderSource(args.data_path)
+        folder = source if source is not None else ImageFolderSource(args.data_path)
         size = max(to_pil(folder[0]).size) if len(folder) else 0
         if recipes.is_small_data(len(folder), size):
             epochs = args.epochs or None
@@ -78,12 +79,12 @@ def default_settings(args):
     return dict(DIGITS_DEFAULTS), "the digits defaults (ibot_keras.cli.DIGITS_DEFAULTS)"
 
 
-def config_from_args(args, num_replicas=1, report=None):
+def config_from_args(args, num_replicas=1, report=None, source=None):
     """The ``PretrainConfig`` of parsed flags: ``default_settings(args)``, then every flag given.
     Warm-ups not given are fitted to ``--epochs`` (``recipes.derive_warmups``: scaled with the
     run for the digits defaults, cut only where too long for the official ones). ``report``
-    (e.g. ``print``) gets one line naming the settings used."""
-    values, name = default_settings(args)
+    (e.g. ``print``) gets one line naming the settings used; ``source`` as in ``default_settings``."""
+    values, name = default_settings(args, source)
     base_epochs = values.get("epochs")
     given = set()
     for field in dataclasses.fields(PretrainConfig):
