@@ -72,9 +72,13 @@ def default_settings(args, source=None):
         folder = source if source is not None else ImageFolderSource(args.data_path)
         size = max(to_pil(folder[0]).size) if len(folder) else 0
         if recipes.is_small_data(len(folder), size):
-            epochs = args.epochs or None
-            return (recipes.small_data(len(folder), size, epochs=epochs),
-                    f"the small-data recipe for {len(folder)} images of {size} px (ibot_keras.recipes.small_data)")
+            values = recipes.small_data(len(folder), size, epochs=args.epochs or None,
+                                        global_crop_size=args.global_crop_size, local_crop_size=args.local_crop_size)
+            name = f"the small-data recipe for {len(folder)} images of {size} px (ibot_keras.recipes.small_data)"
+            if not values["local_crops_number"]:
+                name += (f"; no local crops: local_crop_size={values['local_crop_size']} is not a whole number "
+                         f"of {values['patch_size']}-px patches")
+            return values, name
         return {}, f"the official defaults ({len(folder)} images of {size} px is not small data)"
     return dict(DIGITS_DEFAULTS), "the digits defaults (ibot_keras.cli.DIGITS_DEFAULTS)"
 

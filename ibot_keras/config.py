@@ -181,6 +181,8 @@ class PretrainConfig:
                     f"fraction is drawn from U(r - v, r + v)); got r={ratio}, v={var}."
                 )
         for name in ("image_size", "global_crop_size", "local_crop_size"):
+            if name == "local_crop_size" and not self.local_crops_number:
+                continue  # no local crops: their size is unused
             if getattr(self, name) % self.patch_size:
                 raise ValueError(
                     f"PretrainConfig.{name}={getattr(self, name)} is not a multiple of "
@@ -252,10 +254,13 @@ class PretrainConfig:
     def small_data(cls, num_images, image_size, **overrides):
         """Settings for ``num_images`` images of about ``image_size`` px
         (``ibot_keras.recipes.small_data``), then ``overrides``; an ``epochs`` override also sets
-        the recipe's warm-ups for that run length."""
+        the recipe's warm-ups for that run length, crop-size overrides its patch and local crops."""
         from ibot_keras import recipes
 
-        return cls(**{**recipes.small_data(num_images, image_size, epochs=overrides.get("epochs")), **overrides})
+        values = recipes.small_data(num_images, image_size, epochs=overrides.get("epochs"),
+                                    global_crop_size=overrides.get("global_crop_size"),
+                                    local_crop_size=overrides.get("local_crop_size"))
+        return cls(**{**values, **overrides})
 
     @classmethod
     def from_dict(cls, values, strict=False):

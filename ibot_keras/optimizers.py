@@ -26,6 +26,10 @@ class IBOTAdamW(keras.optimizers.Optimizer):
     ``learning_rate`` and ``weight_decay`` may be floats or schedules of the step (e.g.
     ``ibot_keras.schedules.CosineSchedule``).
 
+    ``multi_tensor`` (default True; torch only): update every variable at once with
+    ``torch._foreach_*`` ops (``backend_specific.multi_tensor_adamw``) instead of one
+    ``update_step`` per variable; the same values up to float32 rounding of the clip norm.
+
     ``skip_nonfinite`` (default True): when any gradient holds a NaN or inf (on any
     data-parallel replica), the whole update is skipped: no weight, moment or step count
     changes, and ``update_skipped`` reads 1 until the next finite step. ``iterations`` still
@@ -44,6 +48,7 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         clip_grad=3.0,
         freeze_steps=0,
         skip_nonfinite=True,
+        multi_tensor=True,
         name="ibot_adamw",
         **kwargs,
     ):
@@ -60,6 +65,7 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         self.clip_grad = float(clip_grad or 0.0)
         self.freeze_steps = int(freeze_steps)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.multi_tensor = bool(multi_tensor)
         self._frozen_keys = set()
 
     @property
@@ -91,8 +97,12 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         index = self._get_variable_index(variable)
         return self._momentums[index], self._velocities[index], self._step_counts[index]
 
+    def _updates_all_at_once(self):
+        return self.multi_tensor and backend_specific.MULTI_TENSOR_ADAMW
+
     def apply(self, grads, trainable_variables=None):
-        if not self.skip_nonfinite:
+        # The multi-tensor update tests the gradients itself (torch ranks average them first).
+        if not self.skip_nonfinite or self._updates_all_at_once():
             return super().apply(grads, trainable_variables)
         grads = list(grads)
         present = [g for g in grads if g is not None]
@@ -122,6 +132,28 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         if callable(wd):
             return ops.cast(wd(self.iterations), "float32")
         return ops.convert_to_tensor(float(wd or 0.0), "float32")
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if not self._updates_all_at_once():
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        slots = [self.slots(v) for v in trainable_variables]
+        weight_decay = self.current_weight_decay()
+        unfrozen = ops.cast(self.iterations >= self.freeze_steps, "float32")
+        enabled = ops.stack([
+            unfrozen if self.freeze_steps > 0 and self._var_key(v) in self._frozen_keys else ops.ones((), "float32")
+            for v in trainable_variables
+        ])
+        skipped = backend_specific.multi_tensor_adamw(
+            params=[v.value for v in trainable_variables], grads=list(grads),
+            momentums=[m.value for m, _, _ in slots], velocities=[v.value for _, v, _ in slots],
+            counts=[c.value for _, _, c in slots],
+            decays=[weight_decay if self.uses_weight_decay(v) else None for v in trainable_variables],
+            enabled=enabled, learning_rate=ops.cast(learning_rate, "float32"),
+            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon, clip_grad=self.clip_grad,
+            skip_nonfinite=self.skip_nonfinite,
+        )
+        if self.skip_nonfinite:
+            self.update_skipped.assign(ops.cast(skipped, "int32"))
 
     def update_step(self, gradient, variable, learning_rate):
         momentum_var, velocity_var, count_var = self.slots(variable)
@@ -182,5 +214,6 @@ class IBOTAdamW(keras.optimizers.Optimizer):
             clip_grad=self.clip_grad,
             freeze_steps=self.freeze_steps,
             skip_nonfinite=self.skip_nonfinite,
+            multi_tensor=self.multi_tensor,
         )
         return config

@@ -21,46 +21,64 @@ def is_small_data(num_images, image_size):
     return num_images <= SMALL_DATA_MAX_IMAGES and image_size <= SMALL_DATA_MAX_SIZE
 
 
-def _patch_size(image_size):
-    for patch in (4, 8, 16):
-        if image_size <= 10 * patch:
-            return patch
-    return 16
+def _patch_size(global_size, given):
+    """The patch that cuts ``global_size`` into a grid closest to 4 x 4 (6 x 6 above 48 px),
+    the larger patch on a tie; ``given``: the size is the user's, so only its divisors qualify."""
+    target = 4 if global_size <= 48 else 6
+    divisors = [p for p in range(2, global_size + 1) if global_size % p == 0]
+    if given and divisors:
+        return min(divisors, key=lambda p: (abs(global_size / p - target), -p))
+    fitting = [p for p in divisors if 3 <= global_size // p <= 8]
+    if fitting:
+        return min(fitting, key=lambda p: (abs(global_size / p - target), -p))
+    return max(2, round(global_size / target))
 
 
-def small_data(num_images, image_size, epochs=None):
+def small_data(num_images, image_size, epochs=None, global_crop_size=None, local_crop_size=None):
     """``PretrainConfig`` fields for ``num_images`` images of about ``image_size`` px.
 
-    - Patches of 4 px up to 40-px images (8 up to 80, else 16); global crops at the image size,
-      local crops at ~0.43 of it rounded to whole patches (12 px for 28-px images).
+    - Patches that cut the global crop (``global_crop_size``, default the image size) into about
+      4 x 4 tokens (6 x 6 above 48 px): 7 px for 28-px images. On 28-px images a 4 x 4 grid
+      learned several times faster per epoch than a 7 x 7 one (4-px patches), at a third of
+      the cost per step.
+    - Four local crops of about half the global crop in whole patches (14 px at 28), or
+      ``local_crop_size`` if given; a given size that is not a whole number of patches gets
+      no local crops (``local_crops_number=0``) rather than patches cut short.
     - A small ViT (D=128, 4 blocks, 4 heads) and head (1024 prototypes, hidden 256, bottleneck
-      64; the teacher head runs on every patch, so a wider one costs more than the backbone).
+      64).
     - Sinkhorn-Knopp centering (DINOv2) with teacher temperature 0.04, and KoLeo 0.1: the
       centered softmax of the official recipe puts every crop on a few prototypes here.
-    - Teacher momentum 0.99 (dino#43's advice for short runs), lr 2e-3 at batch 64.
-    - ``epochs`` (default: about 150k images seen, at least 5 epochs); lr warm-up a tenth and
-      teacher-temperature warm-up a third of the run.
+    - Teacher momentum 0.99 (dino#43's advice for short runs), lr 2e-3 at batch 64, 2 data workers.
+    - ``epochs`` (default: about 150k images seen with local crops, 220k without, at least 5);
+      lr warm-up a tenth and teacher-temperature warm-up a third of the run.
+
+    Measured on ``benchmarks/learning.py``'s datasets (``docs/training.md`` has the figures).
     """
     num_images, image_size = int(num_images), int(image_size)
     if num_images < 1 or image_size < 1:
         raise ValueError(f"small_data needs num_images >= 1 and image_size >= 1, got {num_images}, {image_size}.")
-    patch = _patch_size(image_size)
-    global_size = max(patch, image_size // patch * patch)
-    local_size = max(patch, round(0.43 * image_size / patch) * patch)
+    global_size = int(global_crop_size or image_size)
+    patch = _patch_size(global_size, given=global_crop_size is not None)
+    global_size = max(patch, global_size // patch * patch)
+    if local_crop_size is None:
+        local_size = max(patch, round(0.5 * global_size / patch) * patch)
+    else:
+        local_size = int(local_crop_size)
+    local_number = 4 if local_size % patch == 0 else 0
     batch_size = 64 if num_images >= 640 else max(8, num_images // 10 // 8 * 8)
     if epochs is None:
-        epochs = max(5, math.ceil(150_000 / num_images))
+        epochs = max(5, math.ceil((150_000 if local_number else 220_000) / num_images))
     values = dict(
         arch="vit_tiny", patch_size=patch, embed_dim=128, depth=4, num_heads=4,
         image_size=global_size, global_crop_size=global_size, local_crop_size=local_size,
-        global_crops_scale=(0.3, 1.0), local_crops_scale=(0.05, 0.3), local_crops_number=4,
+        global_crops_scale=(0.3, 1.0), local_crops_scale=(0.05, 0.3), local_crops_number=local_number,
         out_dim=1024, patch_out_dim=1024, shared_head=True, norm_last_layer=True,
         head_hidden_dim=256, head_bottleneck_dim=64,
         centering="sinkhorn_knopp", warmup_teacher_temp=0.04, teacher_temp=0.04,
         warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07, koleo_loss_weight=0.1,
         momentum_teacher=0.99, batch_size=batch_size, lr=2e-3, min_lr=1e-5, drop_path=0.0,
         epochs=int(epochs), warmup_epochs=max(1, int(epochs) // 10), warmup_teacher_temp_epochs=max(1, int(epochs) // 3),
-        pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2),
+        pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), num_workers=2,
         solarize_p=0.0, blur_radius=(0.1 * global_size / 224, 2.0 * global_size / 224),
         saveckp_freq=5,
     )
