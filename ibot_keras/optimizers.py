@@ -35,7 +35,8 @@ class IBOTAdamW(keras.optimizers.Optimizer):
     changes, and ``update_skipped`` reads 1 until the next finite step. ``iterations`` still
     advances, so the lr / weight-decay / freeze schedules keep to the step (as a skipped float16
     step does). With finite gradients the update is unchanged. (The test is a float32 sum per
-    gradient: a finite gradient whose sum overflows, |sum| > 3e38, also counts as non-finite.)
+    gradient: a finite gradient whose sum overflows, |sum| > 3e38, also counts as non-finite; the
+    torch multi-tensor update tests the per-tensor L2 norms instead, a norm above 3e38 likewise.)
     """
 
     def __init__(
