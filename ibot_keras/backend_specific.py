@@ -357,13 +357,14 @@ def data_parallel():
 MULTI_TENSOR_ADAMW = _BACKEND == "torch"
 
 
-def multi_tensor_adamw(params, grads, momentums, velocities, counts, decays, enabled, learning_rate,
-                       beta_1, beta_2, epsilon, clip_grad, skip_nonfinite):
+def multi_tensor_adamw(params, grads, momentums, velocities, counts, decayed, weight_decay, frozen, unfrozen,
+                       learning_rate, beta_1, beta_2, epsilon, clip_grad, skip_nonfinite):
     """torch: ``IBOTAdamW.update_step`` for every variable at once, in place, no host read.
 
     ``params``, ``momentums``, ``velocities``: tensors; ``counts``: 0-d float32 step counts;
-    ``decays``: per variable, the weight decay (a 0-d tensor) or ``None``; ``enabled``: a (N,)
-    float32 tensor, 1 where the variable may update (not frozen). With ``skip_nonfinite``, a
+    ``decayed``, ``frozen``: per variable, whether ``weight_decay`` (0-d) applies and whether it
+    updates only where ``unfrozen`` (0-d, 1 or 0); ``enabled`` below is 1 where a variable may
+    update. With ``skip_nonfinite``, a
     non-finite gradient norm anywhere leaves every variable as it is; returns that flag (a 0-d
     bool tensor). Each variable gets ``a = enabled * (all finite)`` and
     ``p, m, v, k = p(1 - a lr wd), m + a(1 - b1)(g - m), v(1 - a(1 - b2)) + a(1 - b2) g^2,
@@ -373,16 +374,20 @@ def multi_tensor_adamw(params, grads, momentums, velocities, counts, decays, ena
     import torch
 
     with torch.no_grad():
-        return _multi_tensor_adamw(params, grads, momentums, velocities, counts, decays, enabled, learning_rate,
-                                   beta_1, beta_2, epsilon, clip_grad, skip_nonfinite)
+        return _multi_tensor_adamw(params, grads, momentums, velocities, counts, decayed, weight_decay, frozen,
+                                   unfrozen, learning_rate, beta_1, beta_2, epsilon, clip_grad, skip_nonfinite)
 
 
-def _multi_tensor_adamw(params, grads, momentums, velocities, counts, decays, enabled, learning_rate,
-                        beta_1, beta_2, epsilon, clip_grad, skip_nonfinite):
+def _multi_tensor_adamw(params, grads, momentums, velocities, counts, decayed, weight_decay, frozen, unfrozen,
+                        learning_rate, beta_1, beta_2, epsilon, clip_grad, skip_nonfinite):
     import torch
 
     grads = [g.to(p.dtype) for g, p in zip(grads, params)]
     norms = torch.stack(torch._foreach_norm(grads)).float()
+    enabled = torch.ones_like(norms)
+    if any(frozen):
+        mask = torch.tensor(frozen, device=norms.device)
+        enabled = torch.where(mask, torch.as_tensor(unfrozen, dtype=torch.float32, device=norms.device), enabled)
     skipped = torch.logical_not(torch.isfinite(norms).all())
     active = enabled * torch.logical_not(skipped).float() if skip_nonfinite else enabled
     if clip_grad > 0:
@@ -410,9 +415,9 @@ def _multi_tensor_adamw(params, grads, momentums, velocities, counts, decays, en
     squares = torch._foreach_mul(grads, grads)
     torch._foreach_mul_(squares, list(v_weight.unbind()))
     torch._foreach_add_(velocities, squares)
-    decayed = [i for i, wd in enumerate(decays) if wd is not None]
+    decayed = [i for i, flag in enumerate(decayed) if flag]
     if decayed:
-        factors = 1.0 - active[decayed] * lr * torch.stack([decays[i] for i in decayed]).float()
+        factors = 1.0 - active[decayed] * lr * torch.as_tensor(weight_decay, dtype=torch.float32)
         torch._foreach_mul_([params[i] for i in decayed], list(factors.unbind()))
     denominators = torch._foreach_sqrt(velocities)
     torch._foreach_div_(denominators, list(bias_correction2_sqrt.unbind()))

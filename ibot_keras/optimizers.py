@@ -138,18 +138,15 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         if not self._updates_all_at_once():
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         slots = [self.slots(v) for v in trainable_variables]
-        weight_decay = self.current_weight_decay()
-        unfrozen = ops.cast(self.iterations >= self.freeze_steps, "float32")
-        enabled = ops.stack([
-            unfrozen if self.freeze_steps > 0 and self._var_key(v) in self._frozen_keys else ops.ones((), "float32")
-            for v in trainable_variables
-        ])
         skipped = backend_specific.multi_tensor_adamw(
             params=[v.value for v in trainable_variables], grads=list(grads),
             momentums=[m.value for m, _, _ in slots], velocities=[v.value for _, v, _ in slots],
             counts=[c.value for _, _, c in slots],
-            decays=[weight_decay if self.uses_weight_decay(v) else None for v in trainable_variables],
-            enabled=enabled, learning_rate=ops.cast(learning_rate, "float32"),
+            decayed=[self.uses_weight_decay(v) for v in trainable_variables],
+            weight_decay=self.current_weight_decay(),
+            frozen=[self.freeze_steps > 0 and self._var_key(v) in self._frozen_keys for v in trainable_variables],
+            unfrozen=ops.cast(self.iterations >= self.freeze_steps, "float32"),
+            learning_rate=ops.cast(learning_rate, "float32"),
             beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon, clip_grad=self.clip_grad,
             skip_nonfinite=self.skip_nonfinite,
         )
