@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from ibot_keras import backend_specific
+
 
 @keras.saving.register_keras_serializable(package="ibot_keras")
 class PatchEmbedding(keras.layers.Layer):
@@ -38,7 +40,7 @@ class PatchEmbedding(keras.layers.Layer):
         patches = ops.transpose(patches, (0, 1, 3, 2, 4, 5))
         patches = ops.reshape(patches, (batch, rows, cols, p * p * c))
         kernel = ops.reshape(self.kernel, (p * p * c, self.embed_dim))
-        return ops.matmul(patches, kernel) + self.bias
+        return backend_specific.dense(patches, kernel, self.bias)
 
     def get_config(self):
         config = super().get_config()

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from ibot_keras import backend_specific
 from ibot_keras.layers.initializers import torch_linear_default_init
 
 
@@ -44,7 +45,7 @@ class WeightNormDense(keras.layers.Layer):
         return self.weight_v * (self.weight_g / norm)
 
     def call(self, x):
-        return ops.matmul(x, self.effective_kernel())
+        return backend_specific.dense(x, self.effective_kernel())
 
     def get_config(self):
         config = super().get_config()
