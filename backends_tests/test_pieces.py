@@ -1,5 +1,6 @@
-"""Small pieces of the training step used alone, against NumPy: the teacher EMA and the
-collapse statistics (float32; tolerances are float32 rounding)."""
+"""Small pieces of the training step used alone, against NumPy or the plain formula: the teacher
+EMA, the collapse statistics and the backend-specific dense, attention and GELU (float32;
+tolerances are float32 rounding)."""
 
 import keras
 import numpy as np
@@ -86,3 +87,20 @@ def test_attention_gives_the_values_and_gradients_of_the_plain_formula():
     np.testing.assert_allclose(value, expected_value, rtol=1e-6)
     for got, want in zip(grads, expected_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_gives_the_exact_values_and_derivative():
+    import math
+
+    from conftest import value_and_grad
+
+    from ibot_keras import backend_specific
+
+    x = np.linspace(-6.0, 6.0, 97).astype("float32")
+    exact = np.array([0.5 * t * (1.0 + math.erf(t / math.sqrt(2.0))) for t in x.astype("float64")])
+    derivative = np.array([0.5 * (1.0 + math.erf(t / math.sqrt(2.0))) + t * math.exp(-t * t / 2.0) / math.sqrt(2.0 * math.pi)
+                           for t in x.astype("float64")])
+    # float32 rounding of values up to 6 in size: ~1e-6 absolute.
+    np.testing.assert_allclose(to_numpy(backend_specific.gelu(keras.ops.convert_to_tensor(x))), exact, rtol=1e-6, atol=2e-6)
+    _, (grad,) = value_and_grad(lambda t: keras.ops.sum(backend_specific.gelu(t)), x)
+    np.testing.assert_allclose(grad, derivative, rtol=1e-5, atol=2e-6)

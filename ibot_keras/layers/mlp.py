@@ -1,6 +1,6 @@
 import keras
-from keras import ops
 
+from ibot_keras import backend_specific
 from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.initializers import linear_kernel_init
 
@@ -29,7 +29,7 @@ class Mlp(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+        return self.fc2(backend_specific.gelu(self.fc1(x)))
 
     def get_config(self):
         config = super().get_config()

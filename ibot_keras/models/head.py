@@ -5,13 +5,14 @@ import numbers
 import keras
 from keras import ops
 
+from ibot_keras import backend_specific
 from ibot_keras.layers.dense import Dense
 from ibot_keras.layers.initializers import linear_kernel_init
 from ibot_keras.layers.layer_normalization import LayerNormalization
 from ibot_keras.layers.weight_norm_dense import WeightNormDense
 
 _ACTIVATIONS = {
-    "gelu": lambda x: ops.gelu(x, approximate=False),
+    "gelu": backend_specific.gelu,
     "relu": ops.relu,
 }
 _NORMS = (None, "ln")
