@@ -45,26 +45,11 @@ def main():
     if keras.backend.backend() != "jax":
         raise SystemExit("step_phases.py times the JAX step: run it with KERAS_BACKEND=jax.")
     import jax
-    import numpy as np
 
-    import ibot_keras
-    from ibot_keras import BlockMasking, PretrainConfig
-    from train_step import CONFIGS
+    from train_step import build_model_and_batches
 
-    settings = dict(CONFIGS[args.config])
-    keras.config.set_dtype_policy(settings.pop("policy"))
-    steps_per_epoch, start_epoch = settings.pop("steps_per_epoch"), settings.pop("start_epoch")
-    config = PretrainConfig(**settings)
-    model = ibot_keras.build_pretrainer(config, steps_per_epoch=steps_per_epoch)
-    model.step.assign(start_epoch * steps_per_epoch)
-    rng = np.random.default_rng(0)
+    model, config, (batch,) = build_model_and_batches(args.config, num_batches=1)
     grid = config.global_crop_size // config.patch_size
-    b, ng, nl = config.batch_size, config.global_crops_number, config.local_crops_number
-    batch = {
-        "global_crops": rng.standard_normal((b, ng, config.global_crop_size, config.global_crop_size, 3)).astype("float32"),
-        "masks": BlockMasking(config.pred_ratio, config.pred_ratio_var, seed=0).batch(b, ng, grid, grid),
-        "local_crops": rng.standard_normal((b, nl, config.local_crop_size, config.local_crop_size, 3)).astype("float32"),
-    }
     model.train_on_batch(batch)  # builds the optimizer and compiles the step
     x = jax.tree_util.tree_map(jax.numpy.asarray, batch)
     globals_ = x["global_crops"].reshape((-1,) + x["global_crops"].shape[2:])

@@ -64,7 +64,9 @@ def _reset_peak_rss():
         pass
 
 
-def run_one(config_name, steps, warmup, jit_compile, policy=None):
+def build_model_and_batches(config_name, jit_compile="auto", policy=None, num_batches=4):
+    """``(model, config, batches)``: the pretrainer of ``config_name`` at its start epoch (dtype
+    policy set) and ``num_batches`` in-memory batches (random pixels, ``BlockMasking`` masks)."""
     import keras
     import numpy as np
 
@@ -89,7 +91,7 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None):
     masking = BlockMasking(config.pred_ratio, config.pred_ratio_var, seed=0)
     grid = config.global_crop_size // config.patch_size
     batches = []
-    for _ in range(4):
+    for _ in range(num_batches):
         batch = {
             "global_crops": rng.standard_normal(
                 (config.batch_size, config.global_crops_number, config.global_crop_size, config.global_crop_size, 3)
@@ -101,7 +103,13 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None):
                 (config.batch_size, config.local_crops_number, config.local_crop_size, config.local_crop_size, 3)
             ).astype("float32")
         batches.append(batch)
+    return model, config, batches
 
+
+def run_one(config_name, steps, warmup, jit_compile, policy=None):
+    import keras
+
+    model, config, batches = build_model_and_batches(config_name, jit_compile, policy)
     backend = keras.backend.backend()
     times = []
     compile_time = None
@@ -136,7 +144,7 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None):
         "peak_rss_warmup_mb": None if warmup == 0 or compile_peak_mb is None else round(compile_peak_mb, 1),
         "peak_rss_timed_steps_mb": None if steady_peak_mb is None or warmup == 0 else round(steady_peak_mb, 1),
         "jit_compile": str(model.jit_compile),
-        "dtype_policy": policy,
+        "dtype_policy": keras.config.dtype_policy().name,
     }
 
 
