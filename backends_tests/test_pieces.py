@@ -89,6 +89,28 @@ def test_attention_gives_the_values_and_gradients_of_the_plain_formula():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the torch CPU half-precision path")
+def test_torch_half_precision_attention_is_float32_attention_rounded_once():
+    """bfloat16 q, k, v on CPU: output and gradients are the float64 values rounded to bfloat16
+    (within one bfloat16 unit, 2**-8 relative), in bfloat16."""
+    import torch
+
+    from ibot_keras import backend_specific
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, g = (torch.randn(2, 3, 37, 16, generator=gen).bfloat16() for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = backend_specific.attention(*leaves, 0.25)
+    out.backward(g)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.softmax(exact[0] @ exact[1].transpose(-1, -2) * 0.25, -1) @ exact[2]
+    want.backward(g.double())
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in leaves)
+    for got, ref in [(out, want)] + [(a.grad, b.grad) for a, b in zip(leaves, exact)]:
+        err = (got.double() - ref.detach()).abs()
+        assert bool((err <= 2.0**-8 * ref.detach().abs() + 1e-6).all()), float(err.max())
+
+
 def test_gelu_gives_the_exact_values_and_derivative():
     import math
 
