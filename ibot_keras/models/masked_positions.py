@@ -1,5 +1,6 @@
 """Head outputs at the masked patch positions only (the training step's ``max_masked_patches``)."""
 
+import keras
 from keras import ops
 
 
@@ -22,13 +23,14 @@ def masked_position_logits(teacher_head, student_head, teacher_tokens, student_t
         wide = ops.broadcast_to(index[..., None], (ops.shape(x)[0], num_positions, x.shape[-1]))
         return ops.take_along_axis(x, wide, axis=1)
 
-    teacher_z = teacher_head.bottleneck(teacher_tokens)  # (R, 1+N, bottleneck)
-    outputs = {
-        "teacher_cls": teacher_head.last_layer(teacher_z[:, 0]),
-        "teacher_patch": teacher_head.patch_logits(gather(teacher_z[:, 1:])),
-        # The prototype layer is linear: mean of logits = logits of the mean.
-        "teacher_patch_mean": teacher_head.patch_logits(ops.mean(teacher_z[:, 1:], axis=1)),
-    }
+    with keras.name_scope(teacher_head.name):  # op names as in a call of the head (profiles)
+        teacher_z = teacher_head.bottleneck(teacher_tokens)  # (R, 1+N, bottleneck)
+        outputs = {
+            "teacher_cls": teacher_head.last_layer(teacher_z[:, 0]),
+            "teacher_patch": teacher_head.patch_logits(gather(teacher_z[:, 1:])),
+            # The prototype layer is linear: mean of logits = logits of the mean.
+            "teacher_patch_mean": teacher_head.patch_logits(ops.mean(teacher_z[:, 1:], axis=1)),
+        }
     student_input = ops.concatenate([student_tokens[:, :1], gather(student_tokens[:, 1:])], axis=1)
     outputs["student_cls"], outputs["student_patch"] = student_head(student_input)
     outputs["masks"] = ops.take_along_axis(masks, index, axis=1)

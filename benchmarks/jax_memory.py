@@ -1,0 +1,83 @@
+"""Where the JAX step's resident memory goes: runtime, model, compiled step, per-step buffers.
+
+    KERAS_BACKEND=jax python benchmarks/jax_memory.py [--config baseline-cpu] [--json]
+
+Builds ``train_step.py``'s model and batches, then prints the resident set size (RSS, after
+``gc.collect()`` and glibc's ``malloc_trim(0)``, so that freed memory is not counted) at each
+stage: after the imports, after building the model, after compiling the step (XLA's own
+buffer assignment is printed beside it: arguments, outputs and temporaries of one step), the
+peak of the steps that follow (``VmHWM``, reset after compilation), and after
+``jax.clear_caches()`` has dropped the compiled step. Linux only (``/proc``, glibc).
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return None
+
+
+def _trimmed_rss_mb():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _status_mb("VmRSS")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="baseline-cpu")
+    parser.add_argument("--steps", type=int, default=3, help="steps after compilation")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise SystemExit("jax_memory.py measures the JAX step: run it with KERAS_BACKEND=jax.")
+    import jax
+
+    from train_step import build_model_and_batches
+
+    rows = {"after imports (Python, JAX, Keras)": _trimmed_rss_mb()}
+    model, config, batches = build_model_and_batches(args.config)
+    rows["after building the model and batches"] = _trimmed_rss_mb()
+    float(model.train_on_batch(batches[0], return_dict=True)["loss"])
+    rows["after compiling and running one step"] = _trimmed_rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    for i in range(args.steps):
+        float(model.train_on_batch(batches[(i + 1) % len(batches)], return_dict=True)["loss"])
+    rows["peak during the next steps"] = _status_mb("VmHWM")
+
+    x = jax.tree_util.tree_map(jax.numpy.asarray, batches[0])
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables, model.optimizer.variables, model.metrics_variables))
+    stats = jax.jit(model.train_step).lower(state, (x,)).compile().memory_analysis()
+    xla = {
+        "arguments": stats.argument_size_in_bytes / 2**20,
+        "outputs": stats.output_size_in_bytes / 2**20,
+        "temporaries": stats.temp_size_in_bytes / 2**20,
+    }
+    jax.clear_caches()
+    rows["after jax.clear_caches() (compiled steps dropped)"] = _trimmed_rss_mb()
+    if args.json:
+        print(json.dumps({"config": args.config, "rss_mb": rows, "xla_buffers_mb": xla}))
+        return
+    for name, value in rows.items():
+        print(f"{name:<52} {value:7.0f} MB")
+    print("XLA buffer assignment of one step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in xla.items()))
+
+
+if __name__ == "__main__":
+    main()
