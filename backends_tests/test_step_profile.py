@@ -59,3 +59,29 @@ def test_attribute_shares_each_slot_among_the_ops_running_in_it():
     assert step["rows"][("teacher", "backward", "matmul")] == pytest.approx(0.1)
     assert step["rows"][("loss", "forward", "elementwise")] == pytest.approx(0.2)
     assert sum(step["rows"].values()) + step["idle_ms"] == pytest.approx(step["wall_ms"])
+
+
+_TORCH_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "torch_step_profile.py"
+_torch_spec = importlib.util.spec_from_file_location("ibot_benchmark_torch_step_profile", _TORCH_PATH)
+torch_step_profile = importlib.util.module_from_spec(_torch_spec)
+_torch_spec.loader.exec_module(torch_step_profile)
+
+
+def test_torch_profile_groups_ops_and_counts_product_flops():
+    rows = [  # (op, input shapes, calls over 2 steps, own time in us), rates worked out by hand
+        ("aten::addmm", [[50], [30, 40], [40, 50], [], []], 4, 2000.0),  # 2 x 30*40*50*2 = 240 kFLOP per step
+        ("aten::bmm", [[6, 30, 40], [6, 40, 50]], 2, 1000.0),  # 6 x 30*40*50*2 = 720 kFLOP per step
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", [[2, 3, 5, 4]] * 3, 2, 600.0),
+        ("aten::copy_", [[30, 50], [30, 50], []], 4, 400.0),
+        ("aten::mul", [[30, 50], [30, 50]], 2, 300.0),
+    ]
+    out = torch_step_profile.summarise(rows, steps=2)
+    assert out["groups_ms"] == {"products": 1.5, "attention": 0.3, "copies": 0.2, "other": 0.15}
+    assert torch_step_profile.product_gflop("aten::addmm", rows[0][1]) == pytest.approx(120e-6)
+    assert torch_step_profile.product_gflop("aten::bmm", rows[1][1]) == pytest.approx(720e-6)
+    assert torch_step_profile.product_gflop("aten::mul", rows[4][1]) == 0.0
+    top = {r["op"]: r for r in out["top"]}
+    assert top["aten::addmm"]["calls"] == 2 and top["aten::addmm"]["ms"] == 1.0
+    assert top["aten::addmm"]["gflop_per_s"] == pytest.approx(240e-6 / 1e-3, rel=1e-3)
+    assert top["aten::bmm"]["gflop_per_s"] == pytest.approx(720e-6 / 0.5e-3, rel=1e-3)
+    assert top["aten::mul"]["gflop_per_s"] is None
