@@ -61,7 +61,7 @@ def summarise(rows, steps, top=12):
         flop = product_gflop(name, shapes) * calls / steps
         gflop += flop
         by_shape.append(dict(op=name, shapes=shapes, ms=round(ms, 2), calls=calls // steps,
-                             gflop_per_s=round(flop / (ms / 1e3), 1) if flop and ms else None))
+                             gflop_per_s=round(flop / (ms / 1e3), 2) if flop and ms else None))
     by_shape.sort(key=lambda r: -r["ms"])
     return dict(groups_ms={k: round(v, 2) for k, v in groups.most_common()}, product_gflop=round(gflop, 2),
                 top=by_shape[:top])
