@@ -85,3 +85,24 @@ def test_torch_profile_groups_ops_and_counts_product_flops():
     assert top["aten::addmm"]["gflop_per_s"] == pytest.approx(240e-6 / 1e-3, rel=1e-3)
     assert top["aten::bmm"]["gflop_per_s"] == pytest.approx(720e-6 / 0.5e-3, rel=1e-3)
     assert top["aten::mul"]["gflop_per_s"] is None
+
+
+_TF_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "tf_step_profile.py"
+_tf_spec = importlib.util.spec_from_file_location("ibot_benchmark_tf_step_profile", _TF_PATH)
+tf_step_profile = importlib.util.module_from_spec(_tf_spec)
+_tf_spec.loader.exec_module(tf_step_profile)
+
+
+def test_tf_profile_reads_the_op_table_and_groups_op_types():
+    import json
+
+    cols = [{"id": "type"}, {"id": "operation"}, {"id": "total_self_time"}]
+    cells = [("_MklMatMul", "dense/MatMul", 3000.0), ("_MklBatchMatMulV2", "attn/bmm", 1000.0),
+             ("Mul", "a/mul", 600.0), ("Mul", "b/mul", 200.0), ("IDLE", "IDLE", 400.0)]
+    table = [{"cols": cols, "rows": [{"c": [{"v": v} for v in row]} for row in cells]}]
+    rows = tf_step_profile.op_table(json.dumps(table).encode())
+    assert rows[2] == {"type": "Mul", "operation": "a/mul", "total_self_time": 600.0}
+    out = tf_step_profile.summarise(rows, steps=2)
+    assert out["groups_ms"] == {"products": 2.0, "other": 0.4, "idle": 0.2}
+    assert list(out["top_types_ms"].items())[:2] == [("_MklMatMul", 1.5), ("_MklBatchMatMulV2", 0.5)]
+    assert out["top_types_ms"]["Mul"] == 0.4
