@@ -5,7 +5,8 @@
 Builds ``train_step.py``'s model and batches, then prints the resident set size (RSS, after
 ``gc.collect()`` and glibc's ``malloc_trim(0)``, so that freed memory is not counted) at each
 stage: after the imports, after building the model, after compiling the step (XLA's own
-buffer assignment is printed beside it: arguments, outputs and temporaries of one step), the
+buffer assignment is printed beside it: arguments, outputs and temporaries of one step, and the
+size of its optimised HLO: instructions, fusions, constant bytes), the
 peak of the steps that follow (``VmHWM``, reset after compilation), and after
 ``jax.clear_caches()`` has dropped the compiled step. Linux only (``/proc``, glibc).
 """
@@ -14,7 +15,9 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +66,16 @@ def main():
     x = jax.tree_util.tree_map(jax.numpy.asarray, batches[0])
     state = tuple([v.value for v in variables] for variables in (
         model.trainable_variables, model.non_trainable_variables, model.optimizer.variables, model.metrics_variables))
-    stats = jax.jit(model.train_step).lower(state, (x,)).compile().memory_analysis()
+    compiled = jax.jit(model.train_step).lower(state, (x,)).compile()
+    stats = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    constant_bytes = 0
+    for match in re.finditer(r"= (\w+)\[([\d,]*)\]\S* constant\(", hlo):
+        dims = [int(d) for d in match.group(2).split(",") if d]
+        constant_bytes += math.prod(dims) * max(1, int(re.sub(r"\D", "", match.group(1)) or 32) // 8)
+    program = {"hlo_instructions": sum(1 for line in hlo.split("\n") if " = " in line),
+               "fusions": hlo.count(" fusion("), "constants_mb": constant_bytes / 2**20}
+    del compiled, hlo
     xla = {
         "arguments": stats.argument_size_in_bytes / 2**20,
         "outputs": stats.output_size_in_bytes / 2**20,
@@ -72,11 +84,13 @@ def main():
     jax.clear_caches()
     rows["after jax.clear_caches() (compiled steps dropped)"] = _trimmed_rss_mb()
     if args.json:
-        print(json.dumps({"config": args.config, "rss_mb": rows, "xla_buffers_mb": xla}))
+        print(json.dumps({"config": args.config, "rss_mb": rows, "xla_buffers_mb": xla, "program": program}))
         return
     for name, value in rows.items():
         print(f"{name:<52} {value:7.0f} MB")
     print("XLA buffer assignment of one step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in xla.items()))
+    print(f"optimised HLO of the step: {program['hlo_instructions']} instructions, {program['fusions']} fusions, "
+          f"constants {program['constants_mb']:.2f} MB")
 
 
 if __name__ == "__main__":
