@@ -40,7 +40,9 @@
    backward that XLA:CPU compiles without transposed activation copies (the JAX step 0.64x ->
    0.94x of the official one); the other backends use Keras' ops.
 7. ``attention``: the scaled dot-product attention core; on JAX with a hand-written backward
-   (half the autodiff backward's time on XLA:CPU); the other backends use Keras' ops.
+   (half the autodiff backward's time on XLA:CPU); on torch the fused
+   ``F.scaled_dot_product_attention`` (half-precision inputs on CPU through its float32 kernel);
+   TensorFlow uses Keras' ops.
 8. ``multi_tensor_adamw``: on torch, ``IBOTAdamW``'s update of every variable in one pass of
    ``torch._foreach_*`` ops (Keras drives an optimizer one variable at a time, ~25 small
    kernels each); JAX and TensorFlow compile the per-variable update into one program already.
