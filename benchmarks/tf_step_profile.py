@@ -11,17 +11,17 @@ TensorFlow's graph runs independent ops at the same time on its inter-op threads
 times can add up to more than the wall time printed beside them.
 """
 
-import argparse
 import collections
 import glob
 import json
 import os
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from train_step import profile_parser, run_steps, warmed_up  # noqa: E402
 
 
 def group(op_type):
@@ -51,14 +51,7 @@ def summarise(rows, steps, top=12):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="baseline-cpu")
-    parser.add_argument("--policy", default=None, help="a Keras dtype policy instead of the config's")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = profile_parser(__doc__).parse_args()
     import keras
 
     if keras.backend.backend() != "tensorflow":
@@ -66,18 +59,10 @@ def main():
     import tensorflow as tf
     from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
 
-    from train_step import build_model_and_batches
-
-    model, _, batches = build_model_and_batches(args.config, policy=args.policy, num_batches=1)
-    batch = batches[0]
-    for _ in range(args.warmup):
-        float(model.train_on_batch(batch, return_dict=True)["loss"])
+    model, batch = warmed_up(args.config, args.policy, args.warmup)
     folder = tempfile.mkdtemp(prefix="ibot_tf_profile_")
     tf.profiler.experimental.start(folder)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        float(model.train_on_batch(batch, return_dict=True)["loss"])
-    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    wall_ms = run_steps(model, batch, args.steps)
     tf.profiler.experimental.stop()
     xplanes = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
     data, ok = _pywrap_profiler_plugin.xspace_to_tools_data(xplanes, "framework_op_stats", {})

@@ -12,16 +12,16 @@ wall time of the steps beside it shows the time outside ATen ops (Python, Keras,
 Eager torch runs one op at a time, each on every core, so the groups add up to the op time.
 """
 
-import argparse
 import collections
 import json
 import math
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from train_step import profile_parser, run_steps, warmed_up  # noqa: E402
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
 COPIES = ("aten::copy_", "aten::_to_copy")
@@ -68,14 +68,7 @@ def summarise(rows, steps, top=12):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="baseline-cpu")
-    parser.add_argument("--policy", default=None, help="a Keras dtype policy instead of the config's")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = profile_parser(__doc__).parse_args()
     import keras
 
     if keras.backend.backend() != "torch":
@@ -83,17 +76,9 @@ def main():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from train_step import build_model_and_batches
-
-    model, _, batches = build_model_and_batches(args.config, policy=args.policy, num_batches=1)
-    batch = batches[0]
-    for _ in range(args.warmup):
-        float(model.train_on_batch(batch, return_dict=True)["loss"])
-    start = time.perf_counter()
+    model, batch = warmed_up(args.config, args.policy, args.warmup)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(args.steps):
-            float(model.train_on_batch(batch, return_dict=True)["loss"])
-    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+        wall_ms = run_steps(model, batch, args.steps)
     rows = [(e.key, [list(s) for s in e.input_shapes], e.count, e.self_cpu_time_total)
             for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
     summary = summarise(rows, args.steps, args.top)

@@ -106,6 +106,36 @@ def build_model_and_batches(config_name, jit_compile="auto", policy=None, num_ba
     return model, config, batches
 
 
+def profile_parser(doc):
+    """The arguments the per-backend step profilers share (``--config --policy --steps --warmup
+    --top --json``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="baseline-cpu")
+    parser.add_argument("--policy", default=None, help="a Keras dtype policy instead of the config's")
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def warmed_up(config_name, policy=None, warmup=3):
+    """``(model, batch)``: the pretrainer of ``config_name`` after ``warmup`` steps on ``batch``."""
+    model, _, (batch,) = build_model_and_batches(config_name, policy=policy, num_batches=1)
+    run_steps(model, batch, warmup)
+    return model, batch
+
+
+def run_steps(model, batch, steps):
+    """Runs ``steps`` training steps on ``batch``; returns the mean wall time per step in ms."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        float(model.train_on_batch(batch, return_dict=True)["loss"])
+    return (time.perf_counter() - start) * 1e3 / max(steps, 1)
+
+
 def run_one(config_name, steps, warmup, jit_compile, policy=None):
     import keras
 
