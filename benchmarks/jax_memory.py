@@ -50,7 +50,7 @@ def main():
         raise SystemExit("jax_memory.py measures the JAX step: run it with KERAS_BACKEND=jax.")
     import jax
 
-    from train_step import build_model_and_batches
+    from train_step import build_model_and_batches, run_steps
 
     rows = {"after imports (Python, JAX, Keras)": _trimmed_rss_mb()}
     model, config, batches = build_model_and_batches(args.config)
@@ -59,8 +59,7 @@ def main():
     rows["after compiling and running one step"] = _trimmed_rss_mb()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    for i in range(args.steps):
-        float(model.train_on_batch(batches[(i + 1) % len(batches)], return_dict=True)["loss"])
+    run_steps(model, batches[1 % len(batches)], args.steps)
     rows["peak during the next steps"] = _status_mb("VmHWM")
 
     x = jax.tree_util.tree_map(jax.numpy.asarray, batches[0])
@@ -72,7 +71,8 @@ def main():
     constant_bytes = 0
     for match in re.finditer(r"= (\w+)\[([\d,]*)\]\S* constant\(", hlo):
         dims = [int(d) for d in match.group(2).split(",") if d]
-        constant_bytes += math.prod(dims) * max(1, int(re.sub(r"\D", "", match.group(1)) or 32) // 8)
+        bits = int(re.sub(r"\D", "", match.group(1)) or 8)  # "pred" (bool) is one byte
+        constant_bytes += math.prod(dims) * max(1, bits // 8)
     program = {"hlo_instructions": sum(1 for line in hlo.split("\n") if " = " in line),
                "fusions": hlo.count(" fusion("), "constants_mb": constant_bytes / 2**20}
     del compiled, hlo
