@@ -248,3 +248,19 @@ def test_duplicate_component_names_are_rejected():
     head = lambda name: IBOTHead(8, in_dim=8, hidden_dim=8, bottleneck_dim=4, name=name)  # noqa: E731
     with pytest.raises(ValueError, match="share the variable path"):
         IBOT(vit(True), head("h1"), vit(False), head("h2"), IBOTLoss(8, 8, 2, 0, 0.04, 0.04, 0.04, 0.07, 1, 2), steps_per_epoch=1)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA compilations in the JAX train function")
+def test_jax_train_function_returns_compile_memory_after_each_compilation(monkeypatch):
+    import jax
+
+    from ibot_keras import backend_specific
+
+    trims = []
+    monkeypatch.setattr(backend_specific, "_malloc_trim", lambda: trims.append(1))
+    model = build_pretrainer(tiny_config(), steps_per_epoch=2)
+    model.fit(stacked(tiny_batch(seed=0), tiny_batch(seed=1)), batch_size=2, epochs=1, verbose=0)
+    assert len(trims) >= 1  # the train step's compilation (and any other made inside the step)
+    during_fit = len(trims)
+    jax.jit(lambda x: x * 3.0 + 1.0)(np.ones(3, "float32"))  # a compilation outside training
+    assert len(trims) == during_fit

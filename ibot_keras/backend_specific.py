@@ -48,6 +48,10 @@
    kernels each); JAX and TensorFlow compile the per-variable update into one program already.
 9. ``gelu``: the exact GELU; on JAX in torch's erf form, which XLA:CPU evaluates faster than
    ``jax.nn.gelu``'s erfc form.
+10. ``computed_once``: a flag that XLA must compute once, not copy into each consumer (the
+   step's "were all gradients finite" flag); identity on PyTorch.
+11. ``PostOptimizerStep`` on JAX also returns the memory that each XLA compilation freed to
+   the system before the step runs (glibc keeps it otherwise).
 """
 
 import collections
@@ -81,11 +85,28 @@ def gelu(x):
     value (max abs error 7e-7 on N(0, 1) inputs; torch's float32 kernel: 1.2e-6).
     """
     if _BACKEND == "jax":
-        import jax
+        from ibot_keras import jax_kernels
 
-        half_sqrt2 = keras.ops.cast(0.7071067811865476, x.dtype)
-        return 0.5 * x * (1.0 + jax.lax.erf(x * half_sqrt2))
+        return jax_kernels.gelu(x)
     return keras.ops.gelu(x, approximate=False)
+
+
+def computed_once(x):
+    """The bool tensor ``x``, in a form that XLA computes once instead of copying it into
+    each consumer.
+
+    XLA fuses cheap producers into every consumer. The step's skip flag (an ``and`` over one
+    ``isfinite`` per gradient) reaches every variable update: each of those ~640 fusions
+    carried its own copy of the ~200-gradient chain, 390k of the baseline-cpu step's 473k HLO
+    instructions and ~0.7 GB of compiled code (figures in benchmarks/RESULTS.md). Routed through
+    an exact ``sqrt`` (1 -> 1, 4 -> 2), which XLA does not duplicate into consumers, it is
+    computed in one fusion (``lax.optimization_barrier`` does not help: XLA:CPU removes it
+    before fusing). JAX, and TensorFlow for ``jit_compile=True``; PyTorch returns ``x``.
+    """
+    if _BACKEND in ("jax", "tensorflow"):
+        x = keras.ops.convert_to_tensor(x)
+        return keras.ops.sqrt(keras.ops.where(x, 1.0, 4.0)) < 1.5
+    return x
 
 
 def dense(x, kernel, bias=None):
@@ -228,10 +249,60 @@ def _pre_step_values(model):
     return [keras.ops.copy(v) for v in model.step_snapshot_variables()]
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim(0)``: return the heap's free pages to the system (no-op elsewhere)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 if _BACKEND == "jax":
+
+    def _trim_after_compile(event, duration, **kwargs):
+        from jax._src import dispatch
+
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            _malloc_trim()
+
+    def _returning_compile_memory(function):
+        """``function`` (a Keras train function), which hands the memory that XLA's compiler
+        freed back to the system as each compilation ends, before the step runs.
+
+        glibc keeps the freed heap of a compilation resident (~0.5 GB for the baseline-cpu step);
+        the step's buffers then come on top of it. Trimmed, the process peak stays lower (figures
+        in benchmarks/RESULTS.md). The listener is installed only while ``function`` runs."""
+        import functools
+
+        import jax
+
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            jax.monitoring.register_event_duration_secs_listener(_trim_after_compile)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                jax.monitoring.unregister_event_duration_listener(_trim_after_compile)
+
+        return run
 
     class PostOptimizerStep:
         """Mixin for a ``keras.Model`` defining ``after_optimizer_step()``."""
+
+        def make_train_function(self, force=False):
+            before = self.train_function
+            super().make_train_function(force)
+            if self.train_function is not None and self.train_function is not before:
+                self.train_function = _returning_compile_memory(self.train_function)
 
         def _state_mapping(self, state):
             trainable, non_trainable, optimizer_vars, metrics_vars = state

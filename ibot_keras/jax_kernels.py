@@ -76,3 +76,30 @@ def _attention_grads(scale, residuals, g):
 
 
 attention.defvjp(_attention_forward, _attention_grads)
+
+
+_HALF_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def gelu(x):
+    """Exact GELU ``0.5 x (1 + erf(x / sqrt(2)))``, elementwise; the backward keeps only ``x``
+    and recomputes ``Phi(x) + x phi(x)`` (autodiff keeps two more arrays of ``x``'s size)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jax.numpy.asarray(_HALF_SQRT2, x.dtype)))
+
+
+def _gelu_forward(x):
+    return gelu(x), x
+
+
+def _gelu_grads(x, g):
+    # erf is odd (XLA's erf is an odd rational function, so erf(-z) == -erf(z) exactly): the
+    # forward's erf(z) is recomputed here instead of being merged with it by XLA's CSE and
+    # kept alive from the forward to the backward.
+    cdf = 0.5 * (1.0 - jax.lax.erf(-x * jax.numpy.asarray(_HALF_SQRT2, x.dtype)))
+    pdf = jax.numpy.exp(-0.5 * x * x) * jax.numpy.asarray(_INV_SQRT_2PI, x.dtype)
+    return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_grads)
