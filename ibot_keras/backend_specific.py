@@ -268,10 +268,12 @@ _MALLOC_TRIM = None
 
 if _BACKEND == "jax":
 
-    def _trim_after_compile(event, duration, **kwargs):
-        from jax._src import dispatch
+    # JAX records this event as each XLA compilation ends (``jax._src.dispatch``); a JAX that
+    # renamed it would only stop the trimming.
+    _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-        if event == dispatch.BACKEND_COMPILE_EVENT:
+    def _trim_after_compile(event, duration, **kwargs):
+        if event == _BACKEND_COMPILE_EVENT:
             _malloc_trim()
 
     def _returning_compile_memory(function):
