@@ -1,6 +1,6 @@
 """Where the JAX step's resident memory goes: runtime, model, compiled step, per-step buffers.
 
-    KERAS_BACKEND=jax python benchmarks/jax_memory.py [--config baseline-cpu] [--json]
+    KERAS_BACKEND=jax python benchmarks/jax_memory.py [--config baseline-cpu] [--depth N] [--json]
 
 Builds ``train_step.py``'s model and batches, then prints the resident set size (RSS, after
 ``gc.collect()`` and glibc's ``malloc_trim(0)``, so that freed memory is not counted) at each
@@ -42,6 +42,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="baseline-cpu")
     parser.add_argument("--steps", type=int, default=3, help="steps after compilation")
+    parser.add_argument("--depth", type=int, default=None, help="the ViT's depth instead of the config's")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import keras
@@ -52,8 +53,14 @@ def main():
 
     from train_step import build_model_and_batches, run_steps
 
+    import train_step
+
+    config_name = args.config
+    if args.depth is not None:
+        config_name = f"{args.config}-depth{args.depth}"
+        train_step.CONFIGS[config_name] = dict(train_step.CONFIGS[args.config], depth=args.depth)
     rows = {"after imports (Python, JAX, Keras)": _trimmed_rss_mb()}
-    model, config, batches = build_model_and_batches(args.config)
+    model, config, batches = build_model_and_batches(config_name)
     rows["after building the model and batches"] = _trimmed_rss_mb()
     float(model.train_on_batch(batches[0], return_dict=True)["loss"])
     rows["after compiling and running one step"] = _trimmed_rss_mb()
@@ -84,7 +91,7 @@ def main():
     jax.clear_caches()
     rows["after jax.clear_caches() (compiled steps dropped)"] = _trimmed_rss_mb()
     if args.json:
-        print(json.dumps({"config": args.config, "rss_mb": rows, "xla_buffers_mb": xla, "program": program}))
+        print(json.dumps({"config": config_name, "rss_mb": rows, "xla_buffers_mb": xla, "program": program}))
         return
     for name, value in rows.items():
         print(f"{name:<52} {value:7.0f} MB")
