@@ -96,8 +96,8 @@ def computed_once(x):
     each consumer.
 
     XLA fuses cheap producers into every consumer. The step's skip flag (an ``and`` over one
-    ``isfinite`` per gradient) reaches every variable update: each of those ~640 fusions
-    carried its own copy of the ~200-gradient chain, 390k of the baseline-cpu step's 473k HLO
+    ``isfinite`` per gradient) reaches every variable update: each of those ~800 fusions
+    carried its own copy of the ~160-gradient chain, 390k of the baseline-cpu step's 473k HLO
     instructions and ~0.7 GB of compiled code (figures in benchmarks/RESULTS.md). Routed through
     an exact ``sqrt`` (1 -> 1, 4 -> 2), which XLA does not duplicate into consumers, it is
     computed in one fusion (``lax.optimization_barrier`` does not help: XLA:CPU removes it
