@@ -106,3 +106,25 @@ def test_tf_profile_reads_the_op_table_and_groups_op_types():
     assert out["groups_ms"] == {"products": 2.0, "other": 0.4, "idle": 0.2}
     assert list(out["top_types_ms"].items())[:2] == [("_MklMatMul", 1.5), ("_MklBatchMatMulV2", 0.5)]
     assert out["top_types_ms"]["Mul"] == 0.4
+
+
+def test_jax_memory_names_the_largest_fused_computations():
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "jax_memory.py"
+    spec = importlib.util.spec_from_file_location("ibot_benchmark_jax_memory", path)
+    jax_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jax_memory)
+    flag = '%fI = pred[] is-finite(%pI), metadata={op_name="jit(train_step)/is_finite"}\n'
+    hlo = (
+        "HloModule m\n\n%fused_computation.7 (p0: f32[]) -> pred[] {\n"
+        + "".join("  " + flag.replace("I", str(i)) for i in range(3))
+        + '  ROOT %a = pred[] and(%f0, %f1), metadata={op_name="jit(train_step)/reduce_and"}\n}\n\n'
+        "%fused_computation.8 (p0: f32[2]) -> f32[2] {\n  ROOT %n = f32[2]{0} negate(%p0)\n}\n\n"
+        "ENTRY %main.3 (x: f32[2]) -> f32[2] {\n  %x = f32[2]{0} parameter(0)\n"
+        "  %y = f32[2]{0} fusion(%x), kind=kLoop, calls=%fused_computation.8\n"
+        "  ROOT %z = f32[2]{0} fusion(%y), kind=kLoop, calls=%fused_computation.8\n}\n"
+    )
+    rows = jax_memory.largest_computations(hlo, top=5)
+    assert rows == [
+        ("%fused_computation.7", 4, [("jit(train_step)/is_finite", 3), ("jit(train_step)/reduce_and", 1)]),
+        ("%fused_computation.8", 1, []),
+    ]

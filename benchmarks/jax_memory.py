@@ -12,6 +12,7 @@ peak of the steps that follow (``VmHWM``, reset after compilation), and after
 """
 
 import argparse
+import collections
 import ctypes
 import gc
 import json
@@ -36,6 +37,24 @@ def _trimmed_rss_mb():
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return _status_mb("VmRSS")
+
+
+def largest_computations(hlo, top=3):
+    """The ``top`` computations (fused and called ones; not the entry) of an HLO module's text
+    with the most instructions: ``[(name, instructions, [(op_name, count), ...])]``, their three
+    most frequent metadata op names with digits folded to ``#``. A fusion of hundreds of
+    instructions of one or two kinds is usually a small computation that XLA copied into it
+    (the skip flag's chain, before commit 319c75f)."""
+    rows = []
+    for block in re.split(r"\n(?=\S)", hlo):
+        header = block.split("\n", 1)[0]
+        if not header.startswith("%") or not header.rstrip().endswith("{"):
+            continue
+        count = sum(1 for line in block.split("\n")[1:] if " = " in line)
+        names = collections.Counter(re.sub(r"\d+", "#", name) for name in re.findall(r'op_name="([^"]+)"', block))
+        rows.append((header.split(" ")[0], count, names.most_common(3)))
+    rows.sort(key=lambda row: -row[1])
+    return rows[:top]
 
 
 def main():
@@ -81,7 +100,8 @@ def main():
         bits = int(re.sub(r"\D", "", match.group(1)) or 8)  # "pred" (bool) is one byte
         constant_bytes += math.prod(dims) * max(1, bits // 8)
     program = {"hlo_instructions": sum(1 for line in hlo.split("\n") if " = " in line),
-               "fusions": hlo.count(" fusion("), "constants_mb": constant_bytes / 2**20}
+               "fusions": hlo.count(" fusion("), "constants_mb": constant_bytes / 2**20,
+               "largest_computations": largest_computations(hlo)}
     del compiled, hlo
     xla = {
         "arguments": stats.argument_size_in_bytes / 2**20,
@@ -98,6 +118,8 @@ def main():
     print("XLA buffer assignment of one step: " + ", ".join(f"{k} {v:.0f} MB" for k, v in xla.items()))
     print(f"optimised HLO of the step: {program['hlo_instructions']} instructions, {program['fusions']} fusions, "
           f"constants {program['constants_mb']:.2f} MB")
+    for name, count, names in program["largest_computations"]:
+        print(f"  {name}: {count} instructions, most of them " + ", ".join(f"{n} x{c}" for n, c in names))
 
 
 if __name__ == "__main__":
