@@ -129,10 +129,10 @@ def test_gelu_gives_the_exact_values_and_derivative():
 
 
 def test_computed_once_keeps_the_flag():
-    from ibot_keras import backend_specific
+    from ibot_keras.models.skipped_steps import computed_once
 
     for flag in (True, False):
-        assert bool(to_numpy(backend_specific.computed_once(keras.ops.convert_to_tensor(flag)))) is flag
+        assert bool(to_numpy(computed_once(keras.ops.convert_to_tensor(flag)))) is flag
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the size of XLA's compiled optimizer step")

@@ -48,9 +48,7 @@
    kernels each); JAX and TensorFlow compile the per-variable update into one program already.
 9. ``gelu``: the exact GELU; on JAX in torch's erf form, which XLA:CPU evaluates faster than
    ``jax.nn.gelu``'s erfc form.
-10. ``computed_once``: a flag that XLA must compute once, not copy into each consumer (the
-   step's "were all gradients finite" flag); identity on PyTorch.
-11. ``PostOptimizerStep`` on JAX also returns the memory that each XLA compilation freed to
+10. ``PostOptimizerStep`` on JAX also returns the memory that each XLA compilation freed to
    the system before the step runs (glibc keeps it otherwise).
 """
 
@@ -89,24 +87,6 @@ def gelu(x):
 
         return jax_kernels.gelu(x)
     return keras.ops.gelu(x, approximate=False)
-
-
-def computed_once(x):
-    """The bool tensor ``x``, in a form that XLA computes once instead of copying it into
-    each consumer.
-
-    XLA fuses cheap producers into every consumer. The step's skip flag (an ``and`` over one
-    ``isfinite`` per gradient) reaches every variable update: each of those ~800 fusions
-    carried its own copy of the ~160-gradient chain, 390k of the baseline-cpu step's 473k HLO
-    instructions and ~0.7 GB of compiled code (figures in benchmarks/RESULTS.md). Routed through
-    an exact ``sqrt`` (1 -> 1, 4 -> 2), which XLA does not duplicate into consumers, it is
-    computed in one fusion (``lax.optimization_barrier`` does not help: XLA:CPU removes it
-    before fusing). JAX, and TensorFlow for ``jit_compile=True``; PyTorch returns ``x``.
-    """
-    if _BACKEND in ("jax", "tensorflow"):
-        x = keras.ops.convert_to_tensor(x)
-        return keras.ops.sqrt(keras.ops.where(x, 1.0, 4.0)) < 1.5
-    return x
 
 
 def dense(x, kernel, bias=None):
@@ -249,24 +229,22 @@ def _pre_step_values(model):
     return [keras.ops.copy(v) for v in model.step_snapshot_variables()]
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim(0)``: return the heap's free pages to the system (no-op elsewhere)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-
-
 if _BACKEND == "jax":
+
+    _MALLOC_TRIM = None
+
+    def _malloc_trim():
+        """glibc's ``malloc_trim(0)``: return the heap's free pages to the system (no-op elsewhere)."""
+        global _MALLOC_TRIM
+        if _MALLOC_TRIM is None:
+            import ctypes
+
+            try:
+                _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+            except (AttributeError, OSError):
+                _MALLOC_TRIM = False
+        if _MALLOC_TRIM:
+            _MALLOC_TRIM(0)
 
     # JAX records this event as each XLA compilation ends (``jax._src.dispatch``); a JAX that
     # renamed it would only stop the trimming.

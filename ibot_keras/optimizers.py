@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from ibot_keras import backend_specific
+from ibot_keras.models.skipped_steps import computed_once
 
 
 @keras.saving.register_keras_serializable(package="ibot_keras")
@@ -114,7 +115,7 @@ class IBOTAdamW(keras.optimizers.Optimizer):
         finite = ops.all(ops.stack([ops.isfinite(ops.sum(ops.cast(g, "float32"))) for g in present]))
         # Every replica must take the same decision (TensorFlow reduces the gradients later).
         any_bad = backend_specific.cross_replica_mean(ops.cast(ops.logical_not(finite), "float32")) > 0
-        any_bad = backend_specific.computed_once(any_bad)
+        any_bad = computed_once(any_bad)
         # A skipped step reaches update_step as all-NaN gradients: that is the one signal that
         # survives into each variable's update on every backend (TensorFlow updates each
         # variable in its own cross-replica call).

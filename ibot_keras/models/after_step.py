@@ -4,9 +4,8 @@ inside the compiled step."""
 
 from keras import ops
 
-from ibot_keras import backend_specific
 from ibot_keras.models.ema import ema_update
-from ibot_keras.models.skipped_steps import all_finite, keep_or_restore, skip_counts
+from ibot_keras.models.skipped_steps import all_finite, computed_once, keep_or_restore, skip_counts
 
 
 def restorable_metric_variables(model):
@@ -38,14 +37,14 @@ def finish_step(model, snapshot):
     """
     step = ops.convert_to_tensor(model.step)
     iterations_before, center_before, patch_center_before, *metrics_before = snapshot
-    applied = backend_specific.computed_once(model.step_applied(iterations_before))
+    applied = computed_once(model.step_applied(iterations_before))
     model.optimizer.iterations.assign(iterations_before + ops.ones_like(iterations_before))
     keep_or_restore(applied, (model.ibot_loss.center, model.ibot_loss.patch_center),
                     (center_before, patch_center_before))
     # A skipped step whose logged values are not finite is left out of the epoch's metrics
     # (a float16 overflow skip, with a finite loss, is still logged).
     metric_variables = restorable_metric_variables(model)
-    keep = backend_specific.computed_once(ops.logical_or(applied, all_finite(metric_variables)))
+    keep = computed_once(ops.logical_or(applied, all_finite(metric_variables)))
     keep_or_restore(keep, metric_variables, metrics_before)
     ema_update(model.ema_pairs(), model.teacher_momentum_one_minus(step), applied)
     skipped, consecutive = skip_counts(applied, model.skipped_steps, model.consecutive_skips)

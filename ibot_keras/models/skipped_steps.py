@@ -5,6 +5,21 @@ step (``IBOT.after_optimizer_step``)."""
 from keras import ops
 
 
+def computed_once(flag):
+    """The bool tensor ``flag``, in a form that XLA computes once instead of copying it into
+    each consumer.
+
+    XLA fuses cheap producers into every consumer. The step's skip flag (an ``and`` over one
+    ``isfinite`` per gradient) reaches every variable update: each of those ~800 fusions
+    carried its own copy of the ~160-gradient chain, 390k of the baseline-cpu step's 473k HLO
+    instructions and ~0.7 GB of compiled code (JAX; figures in benchmarks/RESULTS.md). Routed
+    through an exact ``sqrt`` (1 -> 1, 4 -> 2), which XLA does not copy into consumers, it is
+    computed in one fusion (``lax.optimization_barrier`` does not help: XLA:CPU removes it
+    before fusing). Elsewhere (TensorFlow's graph, PyTorch) it costs three scalar ops.
+    """
+    return ops.sqrt(ops.where(flag, 1.0, 4.0)) < 1.5
+
+
 def optimizer_applied(optimizer, iterations_before):
     """Whether ``optimizer`` applied the step it just ran (a bool scalar tensor).
 
