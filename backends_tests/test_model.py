@@ -264,3 +264,58 @@ def test_jax_train_function_returns_compile_memory_after_each_compilation(monkey
     during_fit = len(trims)
     jax.jit(lambda x: x * 3.0 + 1.0)(np.ones(3, "float32"))  # a compilation outside training
     assert len(trims) == during_fit
+
+
+_HOST_MEMORY_SCRIPT = r"""
+import ctypes, json, os
+import keras
+from ibot_keras import backend_specific
+
+libc = ctypes.CDLL(None)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped_for_a_64_mb_block():
+    before = libc.mallinfo2().hblkhd  # bytes in blocks that glibc mapped on their own
+    block = libc.malloc(64 << 20)
+    mapped = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    return mapped
+
+class Model(backend_specific.PostOptimizerStep, keras.Model):
+    def call(self, x):
+        return x
+
+out = {"before": mapped_for_a_64_mb_block()}
+os.environ[backend_specific.HOST_MEMORY_ENV] = "0"
+Model().make_train_function()
+out["opted_out"] = mapped_for_a_64_mb_block()
+del os.environ[backend_specific.HOST_MEMORY_ENV]
+Model().make_train_function()
+out["after"] = mapped_for_a_64_mb_block()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="JAX keeps glibc's defaults (no gain measured)")
+def test_a_train_function_makes_glibc_keep_large_freed_blocks_for_reuse():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("glibc only")
+    env = dict(os.environ)
+    env.pop("IBOT_KERAS_KEEP_FREED_HOST_MEMORY", None)
+    out = subprocess.run([sys.executable, "-c", _HOST_MEMORY_SCRIPT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mapped = json.loads(out.stdout.strip().splitlines()[-1])
+    # glibc maps a block over 32 MB on its own; kept, it comes from the heap instead.
+    assert mapped["before"] >= 64 << 20
+    assert mapped["opted_out"] >= 64 << 20
+    assert mapped["after"] == 0
