@@ -16,7 +16,7 @@ datasets = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(datasets)
 
 
-@pytest.mark.parametrize("name", ["shapes", "glyphs"])
+@pytest.mark.parametrize("name", ["shapes", "glyphs", "silhouettes"])
 def test_procedural_images_are_deterministic_per_index(name):
     images, labels = datasets.procedural_arrays(name, "train", 12, seed=3)
     assert images.shape == (12, 28, 28) and images.dtype == np.uint8

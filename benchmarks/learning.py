@@ -3,9 +3,9 @@ folder, then k-NN and a linear probe on a fixed train/test split of raw pixels, 
 network at initialisation and of the pretrained teacher, with the training time and the
 collapse diagnostics of the last epoch.
 
-    python benchmarks/learning.py --dataset digits,shapes,glyphs --backend all --out learning.json
+    python benchmarks/learning.py --dataset digits,shapes,glyphs,silhouettes --backend all --out learning.json
     python benchmarks/learning.py --dataset shapes --backend jax --num_train 500 --epochs 1
-    python benchmarks/learning.py --dataset digits,shapes,glyphs --pixels_only   # no training
+    python benchmarks/learning.py --dataset digits,shapes,glyphs,silhouettes --pixels_only   # no training
 
 Datasets are those of ``benchmarks/datasets.py`` (28-px grey PNG folders written once under
 ``--cache_dir``). Every flag this script does not know goes to ``examples/pretrain.py``
@@ -229,12 +229,12 @@ def print_table(rows, file=sys.stdout):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--dataset", default="digits,shapes,glyphs", help="comma-separated: " + ", ".join(datasets.DATASETS))
+    p.add_argument("--dataset", default="digits,shapes,glyphs,silhouettes", help="comma-separated: " + ", ".join(datasets.DATASETS))
     p.add_argument("--backend", default="all", choices=("all",) + BACKENDS)
     p.add_argument("--out", help="write every result row to this JSON file")
     p.add_argument("--cache_dir", default=datasets.default_root(), help="where the dataset folders are written once")
-    p.add_argument("--num_train", type=int, default=10000, help="training images of shapes/glyphs (digits: 1,257)")
-    p.add_argument("--num_test", type=int, default=2000, help="test images of shapes/glyphs (digits: 540)")
+    p.add_argument("--num_train", type=int, default=10000, help="training images of the procedural datasets (digits: 1,257)")
+    p.add_argument("--num_test", type=int, default=2000, help="test images of the procedural datasets (digits: 540)")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the generated images and of the digits split")
     p.add_argument("--probe_epochs", type=int, default=20, help="linear-probe epochs (official: 100)")
     p.add_argument("--runs_dir", help="keep each run in <runs_dir>/<dataset>-<backend> (default: a removed temp folder)")

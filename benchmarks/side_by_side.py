@@ -9,7 +9,10 @@ or ``--official PATH``; fp32, as many threads as this machine has cores), then
 ``benchmarks/train_step.py --config baseline-cpu`` per backend in float32 and (unless
 ``--no-bf16``) ``mixed_bfloat16``, each in its own process, and prints images/s, the ratio to
 the official fp32 step, and peak RSS next to the official's. If the official harness is not
-there, it says so and prints ours alone. Figures from other machines or runs are not
+there, it says so and prints ours alone. Unless ``--no-official-kept``, the official step runs
+a second time with glibc keeping freed memory in its heap (``GLIBC_TUNABLES``), as ibot_keras
+sets up on torch and TensorFlow (docs/training.md): a row for reference; the ratios stay
+against the official step as shipped. Figures from other machines or runs are not
 comparable: quote the CPU model and date printed at the top.
 """
 
@@ -45,9 +48,13 @@ def last_json(stdout):
     return json.loads(lines[-1]) if lines else None
 
 
-def run_official(path, warmup, steps, threads):
+# glibc's tunables for what ``backend_specific.keep_freed_host_memory`` sets at run time.
+KEPT_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+
+def run_official(path, warmup, steps, threads, env=None):
     command = [sys.executable, path, "--warmup", str(warmup), "--steps", str(steps), "--threads", str(threads), "--quiet"]
-    out = subprocess.run(command, capture_output=True, text=True)
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     result = last_json(out.stdout)
     if out.returncode or result is None:
         raise RuntimeError(f"the official harness failed:\n{out.stderr[-3000:]}")
@@ -72,6 +79,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the mixed_bfloat16 runs")
+    parser.add_argument("--no-official-kept", dest="official_kept", action="store_false",
+                        help="skip the reference run of the official step with glibc keeping freed memory")
     parser.add_argument("--out", help="also write every result as JSON to this file")
     args = parser.parse_args()
     backends = BACKENDS if args.backend == "all" else (args.backend,)
@@ -88,6 +97,11 @@ def main():
     if official is not None:
         rows.append({"name": "official (PyTorch)", "policy": "float32", "images_per_s": official["images_per_s"],
                      "peak_rss_mb": official["peak_rss_mb"], "result": official})
+        if args.official_kept:
+            kept = run_official(args.official, args.warmup, args.steps, threads,
+                                env=dict(os.environ, GLIBC_TUNABLES=KEPT_FREED_MEMORY))
+            rows.append({"name": "official, glibc kept", "policy": "float32", "images_per_s": kept["images_per_s"],
+                         "peak_rss_mb": kept["peak_rss_mb"], "result": kept})
     policies = ("float32", "mixed_bfloat16") if args.bf16 else ("float32",)
     for policy in policies:
         for backend in backends:

@@ -53,9 +53,9 @@
 11. ``keep_freed_host_memory``: on torch and TensorFlow, the first train function made switches
    glibc to serving large buffers from its heap and keeping them there once freed. By default
    glibc maps every block over 32 MB afresh and unmaps it when freed, so each of the step's
-   large tensors (the patch loss's are 51 MB) costs its page faults again every step: +10% on
-   torch and +13% on TensorFlow without it (benchmarks/RESULTS.md). JAX gained nothing and is
-   left as it is.
+   large tensors (the patch loss's are 51 MB) costs its page faults again every step. Measured
+   at the CPU baseline: torch +5-10%, TensorFlow +3% (benchmarks/RESULTS.md). JAX gained
+   nothing and is left as it is.
 """
 
 import collections
