@@ -242,9 +242,9 @@ def keep_freed_host_memory():
 
     Done once per process, by the first train function made on torch or TensorFlow; a no-op
     without glibc, and while ``IBOT_KERAS_KEEP_FREED_HOST_MEMORY=0`` is in the environment. The
-    process then keeps its high-water mark resident until it ends (blocks over the heap's reach
-    are still mapped as before); ``malloc_trim(0)`` returns the free part. Worker processes
-    that are spawned start with glibc's defaults."""
+    process then keeps its high-water mark resident until it ends (only a thread's block too
+    large for its arena is still mapped on its own); ``malloc_trim(0)`` returns the free part.
+    Worker processes that are spawned start with glibc's defaults."""
     global _HOST_MEMORY_KEPT
     if os.environ.get(HOST_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return bool(_HOST_MEMORY_KEPT)
