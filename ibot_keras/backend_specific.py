@@ -229,6 +229,16 @@ def metric_value(x, reduction="mean"):
     return x
 
 
+def _glibc_function(name):
+    """glibc's function ``name`` through ``ctypes``, or None (no glibc, or no such function)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), name) if os.confstr("CS_GNU_LIBC_VERSION") else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 HOST_MEMORY_ENV = "IBOT_KERAS_KEEP_FREED_HOST_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
 _TRIM_THRESHOLD = 2**31 - 1
@@ -249,12 +259,7 @@ def keep_freed_host_memory():
     if os.environ.get(HOST_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return bool(_HOST_MEMORY_KEPT)
     if _HOST_MEMORY_KEPT is None:
-        import ctypes
-
-        try:
-            mallopt = ctypes.CDLL(None).mallopt if os.confstr("CS_GNU_LIBC_VERSION") else None
-        except (AttributeError, OSError, ValueError):
-            mallopt = None
+        mallopt = _glibc_function("mallopt")
         _HOST_MEMORY_KEPT = mallopt is not None and bool(mallopt(_M_MMAP_MAX, 0)) and bool(
             mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
         )
@@ -283,12 +288,7 @@ if _BACKEND == "jax":
         """glibc's ``malloc_trim(0)``: return the heap's free pages to the system (no-op elsewhere)."""
         global _MALLOC_TRIM
         if _MALLOC_TRIM is None:
-            import ctypes
-
-            try:
-                _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-            except (AttributeError, OSError):
-                _MALLOC_TRIM = False
+            _MALLOC_TRIM = _glibc_function("malloc_trim") or False
         if _MALLOC_TRIM:
             _MALLOC_TRIM(0)
 
