@@ -81,3 +81,33 @@ def test_knn_monitor_adds_logs():
     features = extract_features(model.teacher_backbone, views)
     expected = knn_classify(features[:30], labels[:30], features[30:], labels[30:], 3, k=5)
     assert history.history["knn_top1"][0] == pytest.approx(expected[0])
+
+
+@pytest.mark.parametrize("num_registers", [0, 2])
+def test_backbone_features_against_numpy(num_registers):
+    """Each choice rebuilt in NumPy from the backbone's tokens; the patch-token cosine is the
+    mean over grid positions of the per-position cosines (its documented meaning)."""
+    from ibot_keras.eval import BackboneFeatures, KNNMonitor, extract_features
+    from ibot_keras.models.vit import VisionTransformer
+
+    vit = VisionTransformer(patch_size=4, embed_dim=8, depth=1, num_heads=2, image_size=12, seed=1,
+                            num_registers=num_registers)
+    images = np.random.default_rng(0).standard_normal((5, 12, 12, 3)).astype("float32")
+    tokens = np.asarray(vit.predict(images, verbose=0), np.float64)  # (5, 1 + 9, 8): registers dropped
+    assert tokens.shape == (5, 10, 8)
+    cls, patches = normalized(tokens[:, 0]), tokens[:, 1:] / np.linalg.norm(tokens[:, 1:], axis=-1, keepdims=True)
+    position_cosines = np.einsum("ipd,jpd->ijp", patches, patches).mean(axis=-1)  # (5, 5)
+
+    ours = {name: extract_features(vit, images, batch_size=2, features=name)
+            for name in ("cls", "patch_tokens", "cls+patch_tokens")}
+    np.testing.assert_allclose(ours["cls"], cls, atol=1e-5)  # float32 normalisation of float32 tokens
+    assert ours["patch_tokens"].shape == (5, 9 * 8)
+    np.testing.assert_allclose(ours["patch_tokens"] @ ours["patch_tokens"].T, position_cosines, atol=1e-5)
+    np.testing.assert_allclose(ours["patch_tokens"].reshape(5, 9, 8), patches / 3.0, atol=1e-5)
+    both = ours["cls+patch_tokens"]
+    np.testing.assert_allclose(both @ both.T, 0.5 * (cls @ cls.T) + 0.5 * position_cosines, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="choose one of cls, patch_tokens"):
+        BackboneFeatures(vit, "mean")
+    with pytest.raises(ValueError, match="KNNMonitor features='avg'"):
+        KNNMonitor(images, [0] * 5, images, [0] * 5, features="avg")

@@ -1,14 +1,16 @@
-"""The small-data recipe and warm-ups fitted to the run length (pure Python; no training)."""
+"""The small-data recipe, warm-ups fitted to the run length and epochs fitted to a time budget
+(pure Python, but for one measured step of a small model)."""
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ibot_keras import PretrainConfig
-from ibot_keras.cli import add_config_arguments, config_from_args
-from ibot_keras.recipes import derive_warmups, small_data
+from ibot_keras.cli import add_config_arguments, config_from_args, fit_to_time_budget
+from ibot_keras.recipes import derive_warmups, epochs_for_budget, small_data
 
 
 @pytest.mark.parametrize(
@@ -87,3 +89,47 @@ def test_a_small_image_folder_gets_the_recipe_and_a_short_run_needs_no_warmup_fl
     lines = []
     config_from_args(_args(["--data_path", str(tmp_path)]), report=lines.append, source=opened)
     assert "recipe for 5 images" in lines[0]
+
+
+def test_epochs_for_budget():
+    # 600 s at 0.3 s x 156 steps = 46.8 s an epoch: 12 whole epochs fit
+    assert epochs_for_budget(22, 600, 0.3, 156) == 12
+    assert epochs_for_budget(10, 600, 0.3, 156) == 10  # the run fits: unchanged
+    assert epochs_for_budget(22, 10, 0.3, 156) == 2  # never below min_epochs ...
+    assert epochs_for_budget(1, 10, 0.3, 156) == 1  # ... nor above the run
+    with pytest.raises(ValueError, match="positive times"):
+        epochs_for_budget(22, 600, 0.0, 156)
+
+
+def test_time_budget_measures_a_step_and_shortens_only_the_recipe_without_epochs(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    from ibot_keras.data import ImageFolderSource
+
+    source = ImageFolderSource(str(tmp_path))
+    argv = ["--data_path", str(tmp_path), "--embed_dim", "16", "--depth", "1", "--num_heads", "2",
+            "--out_dim", "32", "--patch_out_dim", "32", "--head_hidden_dim", "16", "--head_bottleneck_dim", "8"]
+    args = _args(argv + ["--time_budget_minutes", "0.0001"])  # 6 ms: no run of the recipe's length fits
+    config = config_from_args(args, source=source)
+    assert config.epochs == 150_000 // 16 and config.warmup_teacher_temp_epochs > 1  # 150k images seen
+    lines = []
+    budgeted = fit_to_time_budget(args, config, source, report=lines.append)
+    assert (budgeted.epochs, budgeted.warmup_epochs, budgeted.warmup_teacher_temp_epochs) == (2, 1, 1)
+    assert dataclasses.replace(budgeted, epochs=config.epochs, warmup_epochs=config.warmup_epochs,
+                               warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs) == config
+    assert len(lines) == 1 and lines[0].startswith("time budget: a step takes ")
+    assert f"training 2 epochs instead of {config.epochs}" in lines[0]
+    # Resumed: the saved run's length, nothing measured; --epochs, a 0 budget or other
+    # defaults: no change.
+    lines = []
+    assert fit_to_time_budget(args, config, source, previous_epochs=7, report=lines.append).epochs == 7
+    assert "as the run being resumed chose" in lines[0]
+    for other in (["--epochs", "30", "--time_budget_minutes", "0.0001"], ["--time_budget_minutes", "0"]):
+        given = _args(argv + other)
+        assert fit_to_time_budget(given, config_from_args(given, source=source), source, report=lines.append).epochs in (30, config.epochs)
+    official = _args(argv + ["--official_defaults", "--time_budget_minutes", "0.0001"])
+    assert fit_to_time_budget(official, config_from_args(official, source=source), source).epochs == 100
+    assert len(lines) == 1

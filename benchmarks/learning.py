@@ -19,8 +19,10 @@ Evaluation runs in its own process per backend (``--evaluate``, under that run's
 ``global_crop_size`` with ``ibot_keras.eval.eval_views``:
 
 - k-NN: ``ibot_keras.eval.knn_classify``, k = 20, T = 0.07, the L2-normalised final-norm [CLS]
-  of the training images as the bank and the test images as queries; raw pixels: the flattened,
-  L2-normalised evaluation views.
+  of the training images as the bank and the test images as queries (the official feature);
+  ``knn_patch_tokens``: the same with ``extract_features(..., features="patch_tokens")`` (every
+  final-norm patch token L2-normalised, concatenated: a departure, see ``docs/evaluation.md``);
+  raw pixels: the flattened, L2-normalised evaluation views.
 - linear probe: ``ibot_keras.eval.linear_probe`` (concatenated [CLS] of the last
   ``min(4, depth)`` blocks; raw pixels: ``train_linear_heads`` on the flattened views), the
   official learning-rate grid all trained at once, ``--probe_epochs`` epochs at batch 256; the
@@ -120,9 +122,12 @@ def evaluate(args):
         init = ibot_keras.build_pretrainer(config, steps_per_epoch=steps).teacher_backbone
         teacher = keras.saving.load_model(os.path.join(args.run_dir, "teacher_backbone.keras"))
         checks = {}
+        out["knn_patch_tokens"] = {}
         for name, backbone in (("init", init), ("teacher", teacher)):
             train_f, test_f = extract_features(backbone, train_x), extract_features(backbone, test_x)
             out["knn"][name] = _knn(train_f, train_y, test_f, test_y)
+            out["knn_patch_tokens"][name] = _knn(extract_features(backbone, train_x, features="patch_tokens"), train_y,
+                                                 extract_features(backbone, test_x, features="patch_tokens"), test_y)
             out["linear"][name], out["linear_base_lr"][name] = _probe(
                 train_x, train_y, test_x, test_y, args.probe_epochs, backbone
             )
@@ -208,7 +213,10 @@ def _fmt(value, width, digits=2):
 
 
 def print_table(rows, file=sys.stdout):
-    head = (f"{'dataset':<8} {'backend':<10} | {'k-NN pix':>8} {'init':>6} {'teacher':>7} | {'lin pix':>7} {'init':>6} "
+    """k-NN of [CLS] (pixels, init, teacher), of patch tokens (``tok``: init, teacher), the linear
+    probe, training seconds and the last epoch's collapse diagnostics, one row per run."""
+    head = (f"{'dataset':<8} {'backend':<10} | {'k-NN pix':>8} {'init':>6} {'teacher':>7} | {'tok init':>8} "
+            f"{'teacher':>7} | {'lin pix':>7} {'init':>6} "
             f"{'teacher':>7} | {'train s':>7} | {'usage':>6} {'H(t)':>5} {'H(mean)':>7} {'lnK':>5}")
     print(head, file=file)
     print("-" * len(head), file=file)
@@ -217,9 +225,11 @@ def print_table(rows, file=sys.stdout):
             print(f"{r['dataset']:<8} {r['backend']:<10} | {r['error'].strip().splitlines()[-1][:90]}", file=file)
             continue
         knn, lin, diag = r.get("knn", {}), r.get("linear", {}), r.get("diagnostics", {})
+        patches = r.get("knn_patch_tokens", {})
         print(
             f"{r['dataset']:<8} {r['backend']:<10} | {_fmt(knn.get('pixels'), 8)} {_fmt(knn.get('init'), 6)} "
-            f"{_fmt(knn.get('teacher'), 7)} | {_fmt(lin.get('pixels'), 7)} {_fmt(lin.get('init'), 6)} "
+            f"{_fmt(knn.get('teacher'), 7)} | {_fmt(patches.get('init'), 8)} {_fmt(patches.get('teacher'), 7)} | "
+            f"{_fmt(lin.get('pixels'), 7)} {_fmt(lin.get('init'), 6)} "
             f"{_fmt(lin.get('teacher'), 7)} | {_fmt(r.get('train_seconds'), 7, 0)} | "
             f"{_fmt(diag.get('prototype_usage'), 6, 3)} {_fmt(diag.get('teacher_entropy'), 5)} "
             f"{_fmt(diag.get('teacher_batch_entropy'), 7)} {_fmt(diag.get('log_out_dim'), 5)}",

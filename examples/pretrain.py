@@ -21,7 +21,10 @@ two CPU cores, and three of them depart from the official recipe because digits 
 scaled to the 16-px crops, a constant [CLS] teacher temperature of 0.02, and DINOv2's KoLeo
 term. The official defaults apply when you pass ``--official_defaults``.
 At the end the teacher's k-NN accuracy is printed next to the same network at
-initialisation.
+initialisation and raw pixels: of the [CLS] token (the official feature) and, for small
+grids, of the patch tokens (``ibot_keras.eval.BackboneFeatures``). For the small-data recipe
+without ``--epochs``, a measured step sets fewer epochs where they would train longer than
+``--time_budget_minutes`` (default 10; the line ``time budget: ...`` says what it chose).
 
 Data parallel (``--distribute``; ``--batch_size`` is the global batch, ``--batch_size_per_gpu``
 is multiplied by the device count; every number as on one device with the whole batch):
@@ -47,7 +50,7 @@ import keras
 import numpy as np
 
 import ibot_keras
-from ibot_keras.cli import add_config_arguments, config_from_args, source_from_args
+from ibot_keras.cli import add_config_arguments, config_from_args, fit_to_time_budget, source_from_args
 from ibot_keras.data import build_pipeline
 from ibot_keras.eval import eval_views, extract_features, knn_classify
 from ibot_keras.resume import TrainingCheckpoint, model_step, restore_training_state
@@ -64,23 +67,32 @@ def parser():
     return p
 
 
+# Patch-token features are reported where they stay small (N x D values per image).
+MAX_PATCH_TOKEN_FEATURES = 16384
+
+
 def knn_report(backbone, source, size, seed=0):
-    """k-NN (k=20, T=0.07) top-1 of CLS features on a fixed 70/30 split of a labelled source
-    (``backbone=None``: raw pixels of the evaluation views)."""
+    """k-NN (k=20, T=0.07) top-1 on a fixed 70/30 split of a labelled source, ``{feature: top1}``:
+    ``"cls"`` (the official feature) and, where ``N * D <= MAX_PATCH_TOKEN_FEATURES``,
+    ``"patch_tokens"`` (``ibot_keras.eval.BackboneFeatures``); ``backbone=None``: ``"pixels"``,
+    the flattened evaluation views. ``None`` for an unlabelled source."""
     if getattr(source, "labels", None) is None:
         return None
     order = np.random.default_rng(seed).permutation(len(source))
     cut = int(0.7 * len(order))
     views = eval_views(source, size)
-    if backbone is None:
-        features = views.reshape(len(views), -1)
-        features = features / np.linalg.norm(features, axis=1, keepdims=True)
-    else:
-        features = extract_features(backbone, views)
     labels = source.labels
     num_classes = int(labels.max()) + 1
-    top1, _ = knn_classify(features[order[:cut]], labels[order[:cut]], features[order[cut:]], labels[order[cut:]], num_classes, k=20)
-    return top1
+    if backbone is None:
+        flat = views.reshape(len(views), -1)
+        features = {"pixels": flat / np.linalg.norm(flat, axis=1, keepdims=True)}
+    else:
+        features = {"cls": extract_features(backbone, views)}
+        if (size // backbone.patch_size) ** 2 * backbone.embed_dim <= MAX_PATCH_TOKEN_FEATURES:
+            features["patch_tokens"] = extract_features(backbone, views, features="patch_tokens")
+    train, test = order[:cut], order[cut:]
+    return {name: knn_classify(f[train], labels[train], f[test], labels[test], num_classes, k=20)[0]
+            for name, f in features.items()}
 
 
 @contextlib.contextmanager
@@ -114,11 +126,16 @@ def train(args, parallel):
         args.verbose = 0
     if config.batch_size % parallel.num_replicas:
         raise ValueError(f"batch_size={config.batch_size} does not split over {parallel.num_replicas} devices.")
-    os.makedirs(config.output_dir, exist_ok=True)
     config_path = os.path.join(config.output_dir, "config.json")
-    if chief and os.path.exists(config_path):
+    previous = None
+    if os.path.exists(config_path):
         with open(config_path) as f:
             previous = json.load(f)
+    if parallel.num_replicas == 1:  # every process of a distributed run would have to agree
+        config = fit_to_time_budget(args, config, source, previous_epochs=(previous or {}).get("epochs"),
+                                    report=print if args.verbose else None)
+    os.makedirs(config.output_dir, exist_ok=True)
+    if chief and previous is not None:
         # Settings newer than the saved file are not compared: their old value is unknown.
         changed = sorted(k for k, v in config.to_dict().items() if k in previous and json.loads(json.dumps(v)) != previous[k])
         if changed:
@@ -145,17 +162,19 @@ def train(args, parallel):
     init_path = os.path.join(config.output_dir, "knn_at_init.json")
     if resumed_step == 0:
         with undistributed():
-            random_top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
+            at_init = knn_report(model.teacher_backbone, source, config.global_crop_size)
         if chief:
             with open(init_path, "w") as f:
-                json.dump({"knn_top1": random_top1}, f)
+                json.dump({"knn_top1": at_init}, f)
     else:
         if chief:
             left = (f"continuing with {pipeline.describe_position(resumed_step)}"
                     if resumed_step < config.epochs * len(pipeline) else f"all {config.epochs} epochs are done")
             print(f"Resumed the run in {config.output_dir} from its checkpoint at step {resumed_step}; {left}")
         with open(init_path) as f:
-            random_top1 = json.load(f)["knn_top1"]
+            at_init = json.load(f)["knn_top1"]
+        if at_init is not None and not isinstance(at_init, dict):  # written before patch tokens were reported
+            at_init = {"cls": at_init}
 
     callbacks = [ibot_keras.callbacks.TeacherStateMonitor(), ibot_keras.callbacks.CollapseMonitor()]
     if chief:
@@ -173,25 +192,26 @@ def train(args, parallel):
         model.teacher_backbone.save_weights(os.path.join(config.output_dir, "teacher_backbone.weights.h5"))
 
     with undistributed():
-        top1 = knn_report(model.teacher_backbone, source, config.global_crop_size)
+        teacher = knn_report(model.teacher_backbone, source, config.global_crop_size)
     summary = {"backend": keras.backend.backend(), "train_seconds": round(train_time, 1)}
     if pipeline.replaced_images:
         summary["unreadable_images"] = pipeline.replaced_images
     skipped = int(keras.ops.convert_to_numpy(model.skipped_steps))
     if skipped:
         summary["skipped_nonfinite_steps"] = skipped
-    if top1 is not None:
-        pixels_top1 = knn_report(None, source, config.global_crop_size)
-        summary.update(
-            knn_top1_teacher=round(top1, 2),
-            knn_top1_random_init=round(random_top1, 2),
-            knn_top1_pixels=round(pixels_top1, 2),
-        )
+    if teacher is not None:
+        pixels = knn_report(None, source, config.global_crop_size)["pixels"]
+        summary.update(knn_top1_teacher=round(teacher["cls"], 2), knn_top1_random_init=round(at_init["cls"], 2))
+        line = f"k-NN top-1 (k=20, 70/30 split): [CLS] teacher {teacher['cls']:.2f}%, same network at init {at_init['cls']:.2f}%"
+        if "patch_tokens" in teacher:
+            summary.update(knn_top1_teacher_patch_tokens=round(teacher["patch_tokens"], 2))
+            line += f"; patch tokens teacher {teacher['patch_tokens']:.2f}%"
+            if "patch_tokens" in at_init:
+                summary.update(knn_top1_random_init_patch_tokens=round(at_init["patch_tokens"], 2))
+                line += f", at init {at_init['patch_tokens']:.2f}%"
+        summary.update(knn_top1_pixels=round(pixels, 2))
         if chief:
-            print(
-                f"k-NN top-1 (k=20): teacher {top1:.2f}%, same network at init {random_top1:.2f}%, "
-                f"raw pixels {pixels_top1:.2f}%"
-            )
+            print(line + f"; raw pixels {pixels:.2f}%")
     if chief:
         with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -30,6 +30,11 @@ DIGITS_DEFAULTS = dict(
 )
 
 
+# The small-data recipe's training time on a slow machine: with start-up, compiling and the k-NN
+# reports, a run of ~10,000 small images stays within 15 minutes (benchmarks/RESULTS.md).
+DEFAULT_TIME_BUDGET_MINUTES = 10.0
+
+
 def str2bool(value):
     if value.lower() in ("true", "1", "yes", "on"):
         return True
@@ -58,6 +63,9 @@ def add_config_arguments(parser):
                         "name (cifar10, cifar100, mnist, fashion_mnist; downloads)")
     parser.add_argument("--official_defaults", action="store_true",
                         help="start from the official defaults, not the digits ones")
+    parser.add_argument("--time_budget_minutes", type=float, default=DEFAULT_TIME_BUDGET_MINUTES,
+                        help="small-data recipe without --epochs: train fewer epochs than it chooses where a "
+                        "measured step says they would take longer than this (0: no limit)")
     return parser
 
 
@@ -107,6 +115,44 @@ def config_from_args(args, num_replicas=1, report=None, source=None):
         shown = ", ".join(f"{k}={values[k]}" for k in sorted(values) if k not in ("output_dir", "data_path"))
         report(f"settings: {name}{', then the flags given' if given else ''}: {shown}")
     return PretrainConfig(**values)
+
+
+def uses_small_data_recipe(args, source=None):
+    """True where ``default_settings`` starts from ``recipes.small_data``."""
+    return default_settings(args, source)[1].startswith("the small-data recipe")
+
+
+def fit_to_time_budget(args, config, source, previous_epochs=None, report=None):
+    """``config``, or the same settings with fewer epochs (warm-ups refitted) where the run would
+    train longer than ``--time_budget_minutes``: only for the small-data recipe with no
+    ``--epochs`` given. The step is measured here (``recipes.measure_seconds_per_step``,
+    compiling a throwaway model). ``previous_epochs``: the run in the output folder already
+    chose, so a resumed run keeps its length and nothing is measured."""
+    budget = float(getattr(args, "time_budget_minutes", 0) or 0)
+    if budget <= 0 or args.epochs or not uses_small_data_recipe(args, source):
+        return config
+    if previous_epochs:
+        epochs, why = int(previous_epochs), "as the run being resumed chose"
+    else:
+        steps_per_epoch = len(source) // config.batch_size
+        seconds = recipes.measure_seconds_per_step(config, source)
+        epochs = recipes.epochs_for_budget(config.epochs, 60 * budget, seconds, steps_per_epoch)
+        why = (f"a step takes {seconds:.3f} s here (measured), so {config.epochs} epochs of {steps_per_epoch} steps "
+               f"would train ~{config.epochs * steps_per_epoch * seconds / 60:.1f} min; "
+               f"--time_budget_minutes {budget:g}")
+    if epochs == config.epochs:
+        if report is not None and not previous_epochs:
+            report(f"time budget: {why}: all {epochs} epochs fit")
+        return config
+    # The recipe's warm-ups for a run of that length; nothing else it chooses depends on it.
+    rebuilt = config_from_args(argparse.Namespace(**{**vars(args), "epochs": epochs}), source=source)
+    fields = ("epochs", "warmup_epochs", "warmup_teacher_temp_epochs")
+    budgeted = dataclasses.replace(config, **{name: getattr(rebuilt, name) for name in fields})
+    if report is not None:
+        report(f"time budget: {why}: training {epochs} epochs instead of {config.epochs} "
+               f"(warmup_epochs={budgeted.warmup_epochs}, warmup_teacher_temp_epochs="
+               f"{budgeted.warmup_teacher_temp_epochs}; --epochs N or --time_budget_minutes 0 to choose otherwise)")
+    return budgeted
 
 
 def source_from_args(args):

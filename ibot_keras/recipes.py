@@ -8,9 +8,12 @@ move there (dino#43, #246; dinov2#272; ibot#17). Measured on the datasets of
 ``PretrainConfig`` field, so any of them can be overridden.
 
 ``derive_warmups(values, given)``: warm-up lengths that fit a run of ``values["epochs"]``.
+``measure_seconds_per_step(config, source)`` and ``epochs_for_budget(...)``: fewer epochs where
+this machine would not finish them in a given time.
 """
 
 import math
+import time
 
 SMALL_DATA_MAX_IMAGES = 200_000
 SMALL_DATA_MAX_SIZE = 96
@@ -108,3 +111,35 @@ def derive_warmups(values, given, base_epochs=None):
         elif too_short[name]:
             values[name] = limit
     return values
+
+
+def measure_seconds_per_step(config, source, steps=3):
+    """Seconds a training step of ``config`` takes on this machine, making its batch included.
+
+    A throwaway model (``build_pretrainer``, seeded like the run) is compiled on one batch of
+    ``source``; then ``steps`` batches are each made in this process and trained on, both timed.
+    The sum is what a step costs when the augmentation workers share the cores with the step
+    (the case on a small CPU machine); with cores to spare for the workers it overestimates.
+    """
+    from ibot_keras.builder import build_pretrainer
+    from ibot_keras.data import build_pipeline
+
+    pipeline = build_pipeline(config, source, workers=0)
+    if pipeline.total_steps < steps + 1:
+        raise ValueError(f"measure_seconds_per_step needs {steps + 1} batches; the run has {pipeline.total_steps}.")
+    model = build_pretrainer(config, steps_per_epoch=len(pipeline))
+    model.train_on_batch(pipeline.batch(0))  # compiles
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train_on_batch(pipeline.batch(step))  # returns NumPy logs: the step has finished
+    return (time.perf_counter() - start) / steps
+
+
+def epochs_for_budget(epochs, budget_seconds, seconds_per_step, steps_per_epoch, min_epochs=2):
+    """``epochs``, or fewer where ``epochs * steps_per_epoch`` steps of ``seconds_per_step``
+    would run past ``budget_seconds``; never fewer than ``min_epochs``."""
+    if budget_seconds <= 0 or seconds_per_step <= 0:
+        raise ValueError(f"epochs_for_budget needs positive times; got budget_seconds={budget_seconds}, "
+                         f"seconds_per_step={seconds_per_step}.")
+    affordable = int(budget_seconds // (seconds_per_step * int(steps_per_epoch)))
+    return int(max(min(int(epochs), affordable), min(int(min_epochs), int(epochs))))

@@ -1,7 +1,7 @@
 """Evaluation of frozen features."""
 
 from ibot_keras.eval.attention import attention_grid, cls_attention_maps, save_attention_grid
-from ibot_keras.eval.features import CLSFeatures, eval_views, extract_features
+from ibot_keras.eval.features import FEATURES, BackboneFeatures, eval_views, extract_features
 from ibot_keras.eval.finetune import (
     ViTClassifier,
     build_finetune_model,
@@ -24,7 +24,8 @@ from ibot_keras.eval.monitor import KNNMonitor
 from ibot_keras.eval.scaled_optimizers import LayerwiseAdamW, PerVariableLearningRateMixin, ProbeSGD
 
 __all__ = [
-    "CLSFeatures",
+    "BackboneFeatures",
+    "FEATURES",
     "KNNMonitor",
     "LayerwiseAdamW",
     "LinearProbeResult",

@@ -23,20 +23,52 @@ class BackboneWrapper(keras.Model):
         return cls(**config)
 
 
-class CLSFeatures(keras.Model):
-    """``(B, H, W, 3) -> (B, D)`` final-norm CLS token of a backbone (official k-NN feature)."""
+FEATURES = ("cls", "patch_tokens", "cls+patch_tokens")
 
-    def __init__(self, backbone, normalize=True, **kwargs):
+
+def _unit(x, axis=-1):
+    norm = ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=True))
+    return x / ops.maximum(norm, 1e-12)
+
+
+class BackboneFeatures(keras.Model):
+    """``(B, H, W, 3) -> (B, F)`` frozen features from a backbone's final-norm tokens.
+
+    ``features``:
+
+    - ``"cls"`` (default; the official k-NN and ``eval_knn.py`` feature): the [CLS] token,
+      ``F = D``.
+    - ``"patch_tokens"`` (a departure): every patch token L2-normalised, in grid order,
+      concatenated and scaled by ``1 / sqrt(N)``, ``F = N * D``: the cosine of two images is
+      the mean over grid positions of their tokens' cosines. It keeps where things are, which
+      [CLS] pools away; on small, centred images (``benchmarks/RESULTS.md``) it is the
+      feature of a small-data teacher that beats raw pixels in k-NN. Needs equal-sized images.
+    - ``"cls+patch_tokens"``: both, each with weight 1/2 in the cosine, ``F = (N + 1) * D``.
+
+    ``normalize=True``: rows have unit L2 norm (for ``"cls"`` the [CLS] token itself is
+    normalised; the other two are unit by construction, up to all-zero tokens).
+    """
+
+    def __init__(self, backbone, features="cls", normalize=True, **kwargs):
         super().__init__(**kwargs)
+        if features not in FEATURES:
+            raise ValueError(f"features={features!r}: choose one of {', '.join(FEATURES)}.")
         self.backbone = backbone
+        self.features = features
         self.normalize = normalize
 
     def call(self, images):
-        features = self.backbone(images, training=False)[:, 0]
-        if self.normalize:
-            norm = ops.sqrt(ops.sum(ops.square(features), axis=-1, keepdims=True))
-            features = features / ops.maximum(norm, 1e-12)
-        return features
+        tokens = self.backbone(images, training=False)  # (B, 1 + N, D)
+        cls = tokens[:, 0]
+        if self.features == "cls":
+            return _unit(cls) if self.normalize else cls
+        num_patches = tokens.shape[1] - 1
+        patches = _unit(tokens[:, 1:]) / float(np.sqrt(num_patches))
+        patches = ops.reshape(patches, (-1, num_patches * tokens.shape[2]))
+        if self.features == "patch_tokens":
+            return patches
+        half = float(np.sqrt(0.5))
+        return ops.concatenate([_unit(cls) * half, patches * half], axis=-1)
 
 
 def eval_views(source, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -51,6 +83,7 @@ def eval_views(source, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return views
 
 
-def extract_features(backbone, images, batch_size=128):
-    """L2-normalised CLS features of ``images`` ``(N, H, W, 3)`` as a NumPy ``(N, D)`` array."""
-    return CLSFeatures(backbone).predict(images, batch_size=batch_size, verbose=0)
+def extract_features(backbone, images, batch_size=128, features="cls"):
+    """L2-normalised features of ``images`` ``(N, H, W, 3)`` as a NumPy ``(N, F)`` array:
+    the [CLS] token by default (``F = D``), or another ``BackboneFeatures`` choice."""
+    return BackboneFeatures(backbone, features).predict(images, batch_size=batch_size, verbose=0)

@@ -3,12 +3,12 @@
 import keras
 import numpy as np
 
-from ibot_keras.eval.features import CLSFeatures
+from ibot_keras.eval.features import FEATURES, BackboneFeatures
 from ibot_keras.eval.knn import knn_classify
 
 
 class KNNMonitor(keras.callbacks.Callback):
-    """Every ``every`` epochs, k-NN top-1/top-5 of the teacher's CLS features on a labelled
+    """Every ``every`` epochs, k-NN top-1/top-5 of the teacher's features ([CLS] by default) on a labelled
     split, added to the epoch logs as ``knn_top1`` / ``knn_top5`` (progress bar, CSV,
     TensorBoard). Other epochs do no work.
 
@@ -18,6 +18,7 @@ class KNNMonitor(keras.callbacks.Callback):
             integer labels. ``max_train`` / ``max_val`` take a fixed random subset to keep
             it cheap.
         k, temperature: the official protocol's voting (k=20, T=0.07).
+        features: ``BackboneFeatures``' choice (default ``"cls"``, the official one).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class KNNMonitor(keras.callbacks.Callback):
         max_train=None,
         max_val=None,
         seed=0,
+        features="cls",
     ):
         super().__init__()
         rng = np.random.default_rng(seed)
@@ -51,12 +53,15 @@ class KNNMonitor(keras.callbacks.Callback):
         self.k = int(k)
         self.temperature = float(temperature)
         self.batch_size = int(batch_size)
+        if features not in FEATURES:
+            raise ValueError(f"KNNMonitor features={features!r}: choose one of {', '.join(FEATURES)}.")
+        self.features = features
         self._features = None
 
     def evaluate(self):
         """``(top1, top5)`` of the current teacher."""
         if self._features is None:  # built once, so its predict function compiles once
-            self._features = CLSFeatures(self.model.teacher_backbone)
+            self._features = BackboneFeatures(self.model.teacher_backbone, self.features)
         train = self._features.predict(self.train_images, batch_size=self.batch_size, verbose=0)
         val = self._features.predict(self.val_images, batch_size=self.batch_size, verbose=0)
         return knn_classify(
