@@ -59,6 +59,15 @@ def test_derive_warmups():
     assert (scaled["warmup_epochs"], scaled["warmup_teacher_temp_epochs"]) == (4, 10)
 
 
+def _image_folder(path, per_class, size):
+    """Two class folders ``a``, ``b`` of ``per_class`` random grey ``size``-px PNGs each."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (path / label).mkdir()
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(path / label / f"{i}.png")
+
+
 def _args(argv):
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
@@ -66,11 +75,7 @@ def _args(argv):
 
 
 def test_a_small_image_folder_gets_the_recipe_and_a_short_run_needs_no_warmup_flags(tmp_path):
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (tmp_path / label).mkdir()
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    _image_folder(tmp_path, 5, 28)
     lines = []
     config = config_from_args(_args(["--data_path", str(tmp_path), "--epochs", "4"]), report=lines.append)
     assert (config.global_crop_size, config.local_crop_size, config.epochs) == (28, 14, 4)
@@ -102,11 +107,7 @@ def test_epochs_for_budget():
 
 
 def test_time_budget_measures_a_step_and_shortens_only_the_recipe_without_epochs(tmp_path):
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (tmp_path / label).mkdir()
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    _image_folder(tmp_path, 8, 16)
     from ibot_keras.data import ImageFolderSource
 
     source = ImageFolderSource(str(tmp_path))
