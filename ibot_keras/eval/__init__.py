@@ -1,7 +1,7 @@
 """Evaluation of frozen features."""
 
 from ibot_keras.eval.attention import attention_grid, cls_attention_maps, save_attention_grid
-from ibot_keras.eval.features import FEATURES, BackboneFeatures, eval_views, extract_features
+from ibot_keras.eval.features import FEATURES, BackboneFeatures, CLSFeatures, eval_views, extract_features
 from ibot_keras.eval.finetune import (
     ViTClassifier,
     build_finetune_model,
@@ -25,6 +25,7 @@ from ibot_keras.eval.scaled_optimizers import LayerwiseAdamW, PerVariableLearnin
 
 __all__ = [
     "BackboneFeatures",
+    "CLSFeatures",
     "FEATURES",
     "KNNMonitor",
     "LayerwiseAdamW",

@@ -71,6 +71,14 @@ class BackboneFeatures(keras.Model):
         return ops.concatenate([_unit(cls) * half, patches * half], axis=-1)
 
 
+class CLSFeatures(BackboneFeatures):
+    """``BackboneFeatures(backbone, "cls", normalize)``: the name before ``features`` existed."""
+
+    def __init__(self, backbone, normalize=True, **kwargs):
+        kwargs.pop("features", None)
+        super().__init__(backbone, "cls", normalize, **kwargs)
+
+
 def eval_views(source, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Deterministic evaluation views: each image resized (bicubic) to ``size x size`` and
     normalised, ``(N, size, size, 3)`` float32 (for images near ``size``; the official

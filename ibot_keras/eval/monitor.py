@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from ibot_keras.eval.features import FEATURES, BackboneFeatures
+from ibot_keras.eval.features import FEATURES, BackboneFeatures, CLSFeatures  # noqa: F401 (its old import path)
 from ibot_keras.eval.knn import knn_classify
 
 
