@@ -12,14 +12,21 @@ from ibot_keras.models.ema import ema_update
 
 
 def test_ema_update_moves_the_teacher_unless_the_step_was_skipped():
+    # (torch runs every pair at once: backend_specific.multi_tensor_ema)
     rng = np.random.default_rng(0)
     student, teacher = rng.standard_normal((2, 3, 4)).astype("float32")
-    pairs = [(keras.Variable(student), keras.Variable(teacher))]
+    student_bias, teacher_bias = rng.standard_normal((2, 5)).astype("float32")
+    pairs = [(keras.Variable(student), keras.Variable(teacher)),
+             (keras.Variable(student_bias), keras.Variable(teacher_bias))]
     ema_update(pairs, 0.25)
     np.testing.assert_allclose(to_numpy(pairs[0][1]), 0.75 * teacher + 0.25 * student, rtol=1e-6)
-    moved = to_numpy(pairs[0][1])
+    np.testing.assert_allclose(to_numpy(pairs[1][1]), 0.75 * teacher_bias + 0.25 * student_bias, rtol=1e-6)
+    moved = [to_numpy(t) for _, t in pairs]
     ema_update(pairs, 0.5, applied=keras.ops.convert_to_tensor(False))
-    np.testing.assert_array_equal(to_numpy(pairs[0][1]), moved)
+    for (_, t), before in zip(pairs, moved):
+        np.testing.assert_array_equal(to_numpy(t), before)
+    ema_update(pairs, keras.ops.convert_to_tensor(0.5), applied=keras.ops.convert_to_tensor(True))
+    np.testing.assert_allclose(to_numpy(pairs[1][1]), 0.5 * moved[1] + 0.5 * student_bias, rtol=1e-6)
 
 
 def test_collapse_statistics_match_numpy():

@@ -56,6 +56,9 @@
    large tensors (the patch loss's are 51 MB) costs its page faults again every step. Measured
    at the CPU baseline: torch +5-10%, TensorFlow +3% (benchmarks/RESULTS.md). JAX gained
    nothing and is left as it is.
+12. ``multi_tensor_ema``: on torch, the teacher EMA of every variable pair in two
+   ``torch._foreach_*`` ops (one ``where``, two products, a sum and an assignment per variable
+   otherwise); JAX and TensorFlow compile the per-variable form into the step.
 """
 
 import collections
@@ -535,9 +538,8 @@ def _multi_tensor_adamw(params, grads, momentums, velocities, counts, decayed, w
     v_weight = active * (1.0 - beta_2)
     torch._foreach_lerp_(momentums, grads, list(m_weight.unbind()))
     torch._foreach_mul_(velocities, list((1.0 - v_weight).unbind()))
-    squares = torch._foreach_mul(grads, grads)
-    torch._foreach_mul_(squares, list(v_weight.unbind()))
-    torch._foreach_add_(velocities, squares)
+    # v + ((1 - b2) g) g: the official addcmul_(grad, grad, value=1 - b2), in its order.
+    torch._foreach_addcmul_(velocities, torch._foreach_mul(grads, list(v_weight.unbind())), grads)
     decayed = [i for i, flag in enumerate(decayed) if flag]
     if decayed:
         factors = 1.0 - active[decayed] * lr * torch.as_tensor(weight_decay, dtype=torch.float32)
@@ -545,10 +547,35 @@ def _multi_tensor_adamw(params, grads, momentums, velocities, counts, decayed, w
     denominators = torch._foreach_sqrt(velocities)
     torch._foreach_div_(denominators, list(bias_correction2_sqrt.unbind()))
     torch._foreach_add_(denominators, epsilon)
-    updates = torch._foreach_mul(momentums, list(step.unbind()))
-    torch._foreach_div_(updates, denominators)
-    torch._foreach_sub_(params, updates)
+    # p + (m / denominator)(-step): the official addcdiv_(m, denominator, value=-step), in its order.
+    ratios = torch._foreach_div(momentums, denominators)
+    torch._foreach_addcmul_(params, ratios, list((-step).unbind()))
     return skipped
+
+
+MULTI_TENSOR_EMA = _BACKEND == "torch"
+
+
+def multi_tensor_ema(pairs, one_minus_momentum, applied=None):
+    """torch: ``ibot_keras.models.ema.ema_update`` of every ``(student, teacher)`` variable pair
+    at once, in place: ``teacher * m + student * (1 - m)`` (the per-variable form's arithmetic).
+    A skipped step (``applied`` False) takes ``m = 1`` and ``1 - m = 0``: the teacher keeps
+    every bit, as the student variables are finite there (a skipped step left them as they were
+    after the last applied one, whose EMA read them)."""
+    import torch
+
+    with torch.no_grad():
+        teachers = [teacher.value for _, teacher in pairs]
+        students = [student.value.to(teacher.dtype) for (student, _), teacher in zip(pairs, teachers)]
+        device = teachers[0].device
+        weight = torch.as_tensor(one_minus_momentum, dtype=torch.float32, device=device)
+        momentum = 1.0 - weight
+        if applied is not None:
+            applied = torch.as_tensor(applied, device=device)
+            momentum = torch.where(applied, momentum, torch.ones_like(momentum))
+            weight = torch.where(applied, weight, torch.zeros_like(weight))
+        torch._foreach_mul_(teachers, momentum)
+        torch._foreach_add_(teachers, torch._foreach_mul(students, weight))
 
 
 def set_random_seed(seed):

@@ -2,6 +2,8 @@
 
 from keras import ops
 
+from ibot_keras import backend_specific
+
 
 def ema_update(pairs, one_minus_momentum, applied=None):
     """``teacher <- m * teacher + (1 - m) * student`` for every ``(student, teacher)`` variable
@@ -12,6 +14,9 @@ def ema_update(pairs, one_minus_momentum, applied=None):
     float32 ``m`` would lose digits). ``applied``: a bool scalar tensor; where False, every
     teacher variable keeps its value (a skipped step). Variables are read without gradient.
     """
+    if backend_specific.MULTI_TENSOR_EMA and pairs:
+        backend_specific.multi_tensor_ema(pairs, one_minus_momentum, applied)
+        return
     momentum = 1.0 - one_minus_momentum
     for student_var, teacher_var in pairs:
         student_value = ops.stop_gradient(ops.convert_to_tensor(student_var))
