@@ -1,6 +1,7 @@
 """Where the PyTorch (eager) training step's time goes, from ``torch.profiler``.
 
     KERAS_BACKEND=torch python benchmarks/torch_step_profile.py [--config baseline-cpu] [--policy mixed_bfloat16]
+    KERAS_BACKEND=torch python benchmarks/torch_step_profile.py --phases --steps 6   # phase wall times, no profiler
 
 Runs ``train_on_batch`` on ``train_step.py``'s data (warm-up first), profiles ``--steps`` steps
 and sums each ATen op's own time (without the ops it calls) per step, in four groups: matrix
@@ -67,8 +68,48 @@ def summarise(rows, steps, top=12):
                 top=by_shape[:top])
 
 
+def phase_times(model, batch, steps):
+    """Wall ms per step of the step's phases, without the profiler (eager torch runs each op
+    when called, so timing the Python calls times the work): ``forward`` (``model.call``),
+    ``loss``, ``backward`` (autograd), ``optimizer`` (``apply``), ``after_step`` (EMA, skip
+    bookkeeping) and ``rest`` (Keras' train step around them)."""
+    import time
+
+    import torch
+
+    totals = collections.Counter()
+
+    def timed(function, label):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+        return wrapper
+
+    patches = [(model, "call", "forward"), (model, "compute_loss", "loss"), (model.optimizer, "apply", "optimizer"),
+               (model, "after_optimizer_step", "after_step")]
+    for owner, name, label in patches:
+        setattr(owner, name, timed(getattr(owner, name), label))
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = timed(backward, "backward")
+    try:
+        wall_ms = run_steps(model, batch, steps)
+    finally:
+        torch.Tensor.backward = backward
+        for owner, name, _ in patches:
+            delattr(owner, name)
+    phases = {label: round(seconds * 1e3 / steps, 1) for label, seconds in totals.items()}
+    phases["rest"] = round(wall_ms - sum(phases.values()), 1)
+    return dict(step_ms=round(wall_ms, 1), phases_ms=phases)
+
+
 def main():
-    args = profile_parser(__doc__).parse_args()
+    parser = profile_parser(__doc__)
+    parser.add_argument("--phases", action="store_true",
+                        help="time the step's phases without the profiler instead (phase_times)")
+    args = parser.parse_args()
     import keras
 
     if keras.backend.backend() != "torch":
@@ -77,6 +118,12 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     model, batch = warmed_up(args.config, args.policy, args.warmup)
+    if args.phases:
+        result = phase_times(model, batch, args.steps)
+        result.update(config=args.config, policy=keras.config.dtype_policy().name, torch=torch.__version__)
+        print(json.dumps(result) if args.json else
+              f"step {result['step_ms']:.0f} ms: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result["phases_ms"].items()))
+        return
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         wall_ms = run_steps(model, batch, args.steps)
     rows = [(e.key, [list(s) for s in e.input_shapes], e.count, e.self_cpu_time_total)

@@ -18,6 +18,9 @@ Configs:
   drop_path 0.1, norm_last_layer False, epoch 1 (last layer not frozen). Official: 4.45 s/step,
   1.80 images/s, peak RSS 2.47 GB.
 - ``vit-s16-gpu``: ViT-S/16, out_dim 8192, 2 x 224 + 10 x 96, batch 64, mixed_bfloat16.
+- ``overhead-probe``: ``baseline-cpu`` at batch 1 with 32-px global and 16-px local crops and
+  out_dim 64: the same layers, ops and (all but the last layer's) parameters with almost no
+  activations, so its step time is the step's fixed cost.
 """
 
 import argparse
@@ -40,6 +43,11 @@ CONFIGS = {
     "baseline-cpu": BASELINE_CPU,
     "vit-s16-gpu": dict(
         BASELINE_CPU, arch="vit_small", batch_size=64, local_crops_number=10, policy="mixed_bfloat16"
+    ),
+    # baseline-cpu's ops and parameters with almost no activations: its step time is the fixed
+    # cost per step (Python, Keras, dispatch, optimizer and EMA passes over the parameters).
+    "overhead-probe": dict(
+        BASELINE_CPU, batch_size=1, global_crop_size=32, local_crop_size=16, out_dim=64, patch_out_dim=64
     ),
 }
 
