@@ -42,7 +42,7 @@ if MODE == "tensorflow":
 import keras  # noqa: E402
 from trajectory import StepRecorder  # noqa: E402
 
-from ibot_keras import BlockMasking, PretrainConfig, backend_specific, build_pretrainer, checkpoint  # noqa: E402
+from ibot_keras import BlockMasking, PretrainConfig, build_pretrainer, checkpoint  # noqa: E402
 
 
 def config():

@@ -1,6 +1,5 @@
 """Multi-crop augmentation and the batch loader: the recipe, not just shapes."""
 
-import os
 import warnings
 
 import numpy as np

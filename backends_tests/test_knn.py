@@ -65,8 +65,6 @@ def test_ties_and_k_larger_than_a_class():
 
 
 def test_knn_monitor_adds_logs():
-    import keras
-
     from ibot_keras import build_pretrainer
     from ibot_keras.eval import KNNMonitor, extract_features
     from test_model import tiny_batch, tiny_config

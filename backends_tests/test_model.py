@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import assert_weights_close, to_numpy
-from trajectory import T, batches, build_fixture_model, fixture_config
+from trajectory import T, build_fixture_model, fixture_config
 
 from ibot_keras import IBOT, BlockMasking, IBOTAdamW, PretrainConfig, build_pretrainer, checkpoint
 

@@ -98,7 +98,6 @@ def _pretrain_split_knn(features, labels):
 def evaluate(args):
     """The metrics of one run (or of raw pixels alone, without ``--run_dir``) as a dict."""
     import keras
-    import numpy as np
 
     import ibot_keras
     from ibot_keras.data import ImageFolderSource

@@ -95,6 +95,20 @@ def knn_report(backbone, source, size, seed=0):
             for name, f in features.items()}
 
 
+def knn_table(teacher, at_init, pixels):
+    """``knn_report``'s figures as a small table: a row per feature, teacher against init, and
+    each feature's margin over the raw pixels."""
+    names = {"cls": "[CLS] (the official feature)", "patch_tokens": "patch tokens"}
+    rows = ["k-NN top-1 (k=20, 70/30 split of the labelled images), %:",
+            f"  {'feature':<30}{'teacher':>9}{'at init':>9}{'teacher - pixels':>18}"]
+    for key, name in names.items():
+        if key in teacher:
+            init = f"{at_init[key]:.2f}" if key in at_init else "-"
+            rows.append(f"  {name:<30}{teacher[key]:>9.2f}{init:>9}{teacher[key] - pixels:>+18.2f}")
+    rows.append(f"  {'raw pixels':<30}{pixels:>9.2f}")
+    return "\n".join(rows)
+
+
 @contextlib.contextmanager
 def undistributed():
     """Evaluation runs whole on each process: lift JAX's DataParallel (it would shard
@@ -202,16 +216,13 @@ def train(args, parallel):
     if teacher is not None:
         pixels = knn_report(None, source, config.global_crop_size)["pixels"]
         summary.update(knn_top1_teacher=round(teacher["cls"], 2), knn_top1_random_init=round(at_init["cls"], 2))
-        line = f"k-NN top-1 (k=20, 70/30 split): [CLS] teacher {teacher['cls']:.2f}%, same network at init {at_init['cls']:.2f}%"
         if "patch_tokens" in teacher:
             summary.update(knn_top1_teacher_patch_tokens=round(teacher["patch_tokens"], 2))
-            line += f"; patch tokens teacher {teacher['patch_tokens']:.2f}%"
             if "patch_tokens" in at_init:
                 summary.update(knn_top1_random_init_patch_tokens=round(at_init["patch_tokens"], 2))
-                line += f", at init {at_init['patch_tokens']:.2f}%"
         summary.update(knn_top1_pixels=round(pixels, 2))
         if chief:
-            print(line + f"; raw pixels {pixels:.2f}%")
+            print(knn_table(teacher, at_init, pixels))
     if chief:
         with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
