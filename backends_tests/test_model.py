@@ -114,6 +114,29 @@ def test_masked_subset_training_step_equals_the_full_one():
         assert_weights_close(a.path, to_numpy(a), to_numpy(b), atol=2e-6, key_bias_atol=2 * lr_peak)
 
 
+def test_remat_gives_the_training_of_the_plain_blocks(monkeypatch):
+    # Same seed, same batches: with the student's blocks rematerialised (drop path active in
+    # block 1 at rate 0.5, so a recomputation that drew its own samples would differ) the
+    # losses and updated weights are those of the plain blocks, to float32 rounding.
+    calls = []
+    remat = keras.remat
+    monkeypatch.setattr(keras, "remat", lambda f: calls.append(f) or remat(f))
+    batches = stacked(tiny_batch(seed=1), tiny_batch(seed=2), tiny_batch(seed=3))
+    runs = []
+    for on in (False, True):
+        keras.backend.clear_session()
+        config = tiny_config(depth=2, drop_path=0.5, lr=0.05, warmup_epochs=0, freeze_last_layer=0, remat=on)
+        model = build_pretrainer(config, steps_per_epoch=3)
+        history = model.fit(batches, batch_size=2, shuffle=False, epochs=1, verbose=0).history
+        runs.append((history["loss"][0], model))
+        assert bool(calls) == on  # traced through keras.remat only with remat on
+    (loss, plain), (loss_remat, rematerialised) = runs
+    assert loss_remat == pytest.approx(loss, rel=1e-6)
+    lr_peak = 0.05 * 2 / 256
+    for a, b in zip(plain.weights, rematerialised.weights):
+        assert_weights_close(a.path, to_numpy(a), to_numpy(b), atol=2e-6, key_bias_atol=3 * lr_peak)
+
+
 def test_masks_beyond_the_cap_are_reported():
     model = build_pretrainer(tiny_config(), steps_per_epoch=1)
     batch = tiny_batch()

@@ -91,7 +91,9 @@ def test_attention_gives_the_values_and_gradients_of_the_plain_formula():
     np.testing.assert_allclose(to_numpy(backend_specific.attention(q, k, v, scale)), probs @ v, rtol=1e-5, atol=1e-6)
     value, grads = value_and_grad(ours, q, k, v)
     expected_value, expected_grads = value_and_grad(plain, q, k, v)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    # The value sums 120 terms of mean size 0.32 to -0.22: the float32 rounding of two kernels (torch's
+    # fused one on an AVX-512 CPU differed by 3.6e-7) is bounded in absolute terms, not relative.
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, expected_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

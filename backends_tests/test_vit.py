@@ -179,6 +179,9 @@ def test_serialization_round_trip(tmp_path):
     vit.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(to_numpy(vit(images)), to_numpy(loaded(images)))
+    # remat reaches every block and survives the round trip
+    remat = VisionTransformer.from_config({**vit.get_config(), "remat": True})
+    assert [VisionTransformer.from_config(remat.get_config()).blocks[i].remat for i in range(remat.depth)] == [True] * remat.depth
 
 
 def _numpy_layer_norm(x, gamma, beta, eps):

@@ -8,7 +8,8 @@ first times the unmodified official step (``../shared/official_ref/harness/bench
 or ``--official PATH``; fp32, as many threads as this machine has cores), then
 ``benchmarks/train_step.py --config baseline-cpu`` per backend in float32 and (unless
 ``--no-bf16``) ``mixed_bfloat16``, each in its own process, and prints images/s, the ratio to
-the official fp32 step, and peak RSS next to the official's. If the official harness is not
+the official fp32 step, and peak RSS next to the official's (with ``--remat``, also each
+backend in float32 with ``PretrainConfig(remat=True)``). If the official harness is not
 there, it says so and prints ours alone. Unless ``--no-official-kept``, the official step runs
 a second time with glibc keeping freed memory in its heap (``GLIBC_TUNABLES``), as ibot_keras
 sets up on torch and TensorFlow (docs/training.md): a row for reference; the ratios stay
@@ -61,10 +62,10 @@ def run_official(path, warmup, steps, threads, env=None):
     return result
 
 
-def run_ours(backend, policy, warmup, steps):
+def run_ours(backend, policy, warmup, steps, remat=False):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     command = [sys.executable, os.path.join(HERE, "train_step.py"), "--config", "baseline-cpu", "--backend", backend,
-               "--policy", policy, "--warmup", str(warmup), "--steps", str(steps), "--json"]
+               "--policy", policy, "--warmup", str(warmup), "--steps", str(steps), "--json"] + (["--remat"] if remat else [])
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     result = last_json(out.stdout)
     if out.returncode or result is None:
@@ -81,6 +82,8 @@ def main():
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the mixed_bfloat16 runs")
     parser.add_argument("--no-official-kept", dest="official_kept", action="store_false",
                         help="skip the reference run of the official step with glibc keeping freed memory")
+    parser.add_argument("--remat", action="store_true",
+                        help="also time each backend in float32 with PretrainConfig(remat=True)")
     parser.add_argument("--out", help="also write every result as JSON to this file")
     args = parser.parse_args()
     backends = BACKENDS if args.backend == "all" else (args.backend,)
@@ -102,21 +105,22 @@ def main():
                                 env=dict(os.environ, GLIBC_TUNABLES=KEPT_FREED_MEMORY))
             rows.append({"name": "official, glibc kept", "policy": "float32", "images_per_s": kept["images_per_s"],
                          "peak_rss_mb": kept["peak_rss_mb"], "result": kept})
-    policies = ("float32", "mixed_bfloat16") if args.bf16 else ("float32",)
-    for policy in policies:
+    runs = [("float32", False)] + ([("mixed_bfloat16", False)] if args.bf16 else []) + ([("float32", True)] if args.remat else [])
+    for policy, remat in runs:
         for backend in backends:
-            result = run_ours(backend, policy, args.warmup, args.steps)
+            result = run_ours(backend, policy, args.warmup, args.steps, remat)
             if result is not None:
-                rows.append({"name": f"ibot_keras {backend}", "policy": policy, "images_per_s": result["images_per_s"],
+                name = f"ibot_keras {backend}" + (", remat" if remat else "")
+                rows.append({"name": name, "policy": policy, "images_per_s": result["images_per_s"],
                              "peak_rss_mb": result["peak_rss_mb"], "result": result})
 
-    print(f"{'':<22} {'policy':<15} {'images/s':>9} {'vs official fp32':>17} {'peak RSS MB':>12} {'RSS vs official':>16}")
+    print(f"{'':<29} {'policy':<15} {'images/s':>9} {'vs official fp32':>17} {'peak RSS MB':>12} {'RSS vs official':>16}")
     for row in rows:
         speed = rss = ""
         if official is not None:
             speed = f"{row['images_per_s'] / official['images_per_s']:.2f}x"
             rss = f"{row['peak_rss_mb'] / official['peak_rss_mb']:.2f}x"
-        print(f"{row['name']:<22} {row['policy']:<15} {row['images_per_s']:>9.2f} {speed:>17} "
+        print(f"{row['name']:<29} {row['policy']:<15} {row['images_per_s']:>9.2f} {speed:>17} "
               f"{row['peak_rss_mb']:>12.0f} {rss:>16}")
     if args.out:
         with open(args.out, "w") as f:

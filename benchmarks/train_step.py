@@ -72,9 +72,10 @@ def _reset_peak_rss():
         pass
 
 
-def build_model_and_batches(config_name, jit_compile="auto", policy=None, num_batches=4):
+def build_model_and_batches(config_name, jit_compile="auto", policy=None, num_batches=4, remat=False):
     """``(model, config, batches)``: the pretrainer of ``config_name`` at its start epoch (dtype
-    policy set) and ``num_batches`` in-memory batches (random pixels, ``BlockMasking`` masks)."""
+    policy set; ``remat``: ``PretrainConfig.remat``) and ``num_batches`` in-memory batches
+    (random pixels, ``BlockMasking`` masks)."""
     import keras
     import numpy as np
 
@@ -88,7 +89,7 @@ def build_model_and_batches(config_name, jit_compile="auto", policy=None, num_ba
     import ibot_keras
     from ibot_keras import BlockMasking, PretrainConfig
 
-    config = PretrainConfig(**settings)
+    config = PretrainConfig(**settings, remat=remat)
     if jit_compile != "auto":
         jit_compile = jit_compile == "true"
     model = ibot_keras.build_pretrainer(config, steps_per_epoch=steps_per_epoch, jit_compile=jit_compile)
@@ -144,10 +145,10 @@ def run_steps(model, batch, steps):
     return (time.perf_counter() - start) * 1e3 / max(steps, 1)
 
 
-def run_one(config_name, steps, warmup, jit_compile, policy=None):
+def run_one(config_name, steps, warmup, jit_compile, policy=None, remat=False):
     import keras
 
-    model, config, batches = build_model_and_batches(config_name, jit_compile, policy)
+    model, config, batches = build_model_and_batches(config_name, jit_compile, policy, remat=remat)
     backend = keras.backend.backend()
     times = []
     compile_time = None
@@ -183,6 +184,7 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None):
         "peak_rss_timed_steps_mb": None if steady_peak_mb is None or warmup == 0 else round(steady_peak_mb, 1),
         "jit_compile": str(model.jit_compile),
         "dtype_policy": keras.config.dtype_policy().name,
+        "remat": bool(remat),
     }
 
 
@@ -194,11 +196,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--jit_compile", default="auto", choices=["auto", "true", "false"])
     parser.add_argument("--policy", default=None, help="a Keras dtype policy instead of the config's")
+    parser.add_argument("--remat", action="store_true", help="PretrainConfig(remat=True): the student's blocks recompute")
     parser.add_argument("--json", action="store_true", help="one JSON object per backend")
     args = parser.parse_args()
 
     if args.backend != "all" and os.environ.get("KERAS_BACKEND") == args.backend:
-        result = run_one(args.config, args.steps, args.warmup, args.jit_compile, args.policy)
+        result = run_one(args.config, args.steps, args.warmup, args.jit_compile, args.policy, args.remat)
         print(json.dumps(result))
         return
     backends = ["jax", "torch", "tensorflow"] if args.backend == "all" else [args.backend]
@@ -209,6 +212,8 @@ def main():
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--jit_compile", args.jit_compile]
         if args.policy:
             command += ["--policy", args.policy]
+        if args.remat:
+            command.append("--remat")
         out = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
         if out.returncode or not lines:

@@ -60,6 +60,7 @@ def _build_pretrainer(config, steps_per_epoch, jit_compile, seed):
         drop_path_rate=config.drop_path,
         use_mask_token=config.use_masked_im_modeling,
         seed=config.seed,
+        remat=config.remat,
         name="student_backbone",
         **vit_kwargs,
     )

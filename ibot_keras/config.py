@@ -53,6 +53,9 @@ class PretrainConfig:
     - DINOv2-family options, off by default (``docs/training.md``): ``centering``
       ("ema" | "sinkhorn_knopp"), ``patch_normalization`` ("image" | "token"),
       ``pred_ratio_stratified`` and ``num_registers``.
+    - ``remat`` (default False): the student's blocks recompute their activations in the
+      backward pass instead of keeping them (``VisionTransformer(remat=True)``): the same
+      values and gradients for less memory and a little more compute (``docs/training.md``).
     - ``koleo_loss_weight`` (default 0): DINOv2's KoLeo regulariser on the student [CLS], an
       option that iBOT does not have (see ``IBOT``).
     - Steps with a non-finite loss or gradients are skipped and counted (``IBOT``);
@@ -88,6 +91,8 @@ class PretrainConfig:
     patch_normalization: str = "image"  # or "token" (every masked patch of the batch weighs the same)
     pred_ratio_stratified: bool = False  # mask ratios stratified across each batch (DINOv2's collate)
     num_registers: int = 0  # register tokens in the ViT
+    # Memory (not an official flag): the student's blocks recompute their activations in the backward
+    remat: bool = False
     # Temperatures
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04

@@ -19,10 +19,15 @@ class DropPath(keras.layers.Layer):
     def call(self, x, training=False):
         if not training or self.rate == 0.0:
             return x
+        return x * self.sample_scale(x)
+
+    def sample_scale(self, x):
+        """A fresh draw of the per-sample factor for ``x`` ``(B, ...)``: ``(B, 1, ..., 1)`` of
+        ``x.dtype``, 0 for a dropped sample and ``1 / (1 - rate)`` for a kept one (``rate > 0``)."""
         keep = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
         noise = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)
-        return x * (ops.floor(keep + noise) / keep)
+        return ops.floor(keep + noise) / keep
 
     # The random state is part of the training state: a resumed run must draw the same
     # drop-path masks. Keras does not save SeedGenerator state with the weights by itself.

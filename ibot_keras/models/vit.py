@@ -55,6 +55,10 @@ class VisionTransformer(keras.Model):
     embedding is added, so they get none. The blocks see ``(B, 1 + n + N, D)``
     (``prepare_tokens``); the outputs drop the registers (``drop_registers``), so ``vit(images)``
     is still ``(B, 1 + N, D)``.
+
+    ``remat`` (default False): in training, every block recomputes its activations in the
+    backward pass instead of keeping them (``TransformerBlock(remat=True)``): the same values
+    and gradients for less memory and one more forward of the blocks.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class VisionTransformer(keras.Model):
         in_channels=3,
         seed=None,
         num_registers=0,
+        remat=False,
         **kwargs,
     ):
         # Applied after the sublayers exist, so that trainable=False reaches them.
@@ -88,6 +93,7 @@ class VisionTransformer(keras.Model):
         self.in_channels = _positive_int("in_channels", in_channels)
         self.seed = seed
         self.num_registers = _non_negative_int("num_registers", num_registers)
+        self.remat = bool(remat)
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"VisionTransformer: embed_dim={embed_dim} is not divisible by num_heads={num_heads} "
@@ -121,6 +127,7 @@ class VisionTransformer(keras.Model):
                 qkv_bias=self.qkv_bias,
                 drop_path_rate=float(rates[i]),
                 seed=None if seed is None else seed + i,
+                remat=self.remat,
                 name=f"blocks_{i}",
             )
             for i in range(self.depth)
@@ -311,6 +318,7 @@ class VisionTransformer(keras.Model):
             in_channels=self.in_channels,
             seed=self.seed,
             num_registers=self.num_registers,
+            remat=self.remat,
         )
         return config
 
