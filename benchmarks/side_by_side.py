@@ -107,17 +107,17 @@ def main():
         official = None
         if have_official:
             official = run_official(args.official, args.warmup, args.steps, threads)
-            rows.append(_row("official (PyTorch)", "float32", official, official, round_index))
+            rows.append(timed_row("official (PyTorch)", "float32", official, official, round_index))
             if args.official_kept:
                 kept = run_official(args.official, args.warmup, args.steps, threads,
                                     env=dict(os.environ, GLIBC_TUNABLES=KEPT_FREED_MEMORY))
-                rows.append(_row("official, glibc kept", "float32", kept, official, round_index))
+                rows.append(timed_row("official, glibc kept", "float32", kept, official, round_index))
         for policy, remat in runs:
             for backend in backends:
                 result = run_ours(backend, policy, args.warmup, args.steps, remat)
                 if result is not None:
                     name = f"ibot_keras {backend}" + (", remat" if remat else "")
-                    rows.append(_row(name, policy, result, official, round_index))
+                    rows.append(timed_row(name, policy, result, official, round_index))
 
     summary = summarise(rows)
     spread = args.rounds > 1
@@ -139,7 +139,7 @@ def main():
                        "summary": summary, "rows": rows}, f, indent=2)
 
 
-def _row(name, policy, result, official, round_index):
+def timed_row(name, policy, result, official, round_index):
     """One timed run, with its ratios to the official step of the same round (None without it)."""
     return {"name": name, "policy": policy, "round": round_index, "images_per_s": result["images_per_s"],
             "peak_rss_mb": result["peak_rss_mb"],
