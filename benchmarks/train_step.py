@@ -8,9 +8,12 @@ table). Timing: ``--warmup`` untimed steps (compilation included in the first), 
 median over ``--steps`` timed steps. Every timed step ends with a host read of the loss, as
 the official loop's ``loss.item()`` does. Data is made in memory before timing (random
 pixels; masks from BlockMasking with the README ratios), like a DataLoader worker would.
-Memory: ``peak_rss_mb`` is the whole process's high-water mark (what the official figure
-measures); on Linux also ``peak_rss_warmup_mb`` (through the warm-up, i.e. with compilation)
-and ``peak_rss_timed_steps_mb`` (the high-water mark reset after warm-up: training alone).
+CPU time of the timed steps, per step: ``user_s_per_step``, ``system_s_per_step`` and
+``page_faults_per_step`` (minor faults: pages the kernel had to map and zero, e.g. for
+buffers that are mapped afresh every step). Memory: ``peak_rss_mb`` is the whole process's
+high-water mark (what the official figure measures); on Linux also ``peak_rss_warmup_mb``
+(through the warm-up, i.e. with compilation) and ``peak_rss_timed_steps_mb`` (the high-water
+mark reset after warm-up: training alone).
 
 Configs:
 - ``baseline-cpu``: the official CPU baseline (``../shared/spec/official_cpu_baseline.md``):
@@ -154,8 +157,11 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None, remat=False):
     compile_time = None
     compile_peak_mb = None
     # Drive the compiled step through Keras' own fit loop machinery, one batch per call.
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
+        if i == warmup:
+            usage_before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         logs = model.train_on_batch(batch, return_dict=True)
         float(logs["loss"])
@@ -167,6 +173,8 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None, remat=False):
         if i == warmup - 1:
             compile_peak_mb = _vm_hwm_mb()
             _reset_peak_rss()  # the steady-state peak below excludes compilation
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    per_step = lambda field: (getattr(usage, field) - getattr(usage_before, field)) / max(len(times), 1)  # noqa: E731
     median = statistics.median(times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     steady_peak_mb = _vm_hwm_mb()
@@ -182,6 +190,9 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None, remat=False):
         "peak_rss_mb": round(peak_rss_mb, 1),
         "peak_rss_warmup_mb": None if warmup == 0 or compile_peak_mb is None else round(compile_peak_mb, 1),
         "peak_rss_timed_steps_mb": None if steady_peak_mb is None or warmup == 0 else round(steady_peak_mb, 1),
+        "user_s_per_step": round(per_step("ru_utime"), 3),
+        "system_s_per_step": round(per_step("ru_stime"), 3),
+        "page_faults_per_step": round(per_step("ru_minflt")),
         "jit_compile": str(model.jit_compile),
         "dtype_policy": keras.config.dtype_policy().name,
         "remat": bool(remat),
