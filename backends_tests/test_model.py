@@ -289,6 +289,20 @@ def test_jax_train_function_returns_compile_memory_after_each_compilation(monkey
     assert len(trims) == during_fit
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow train function's tracing")
+def test_tensorflow_train_function_trims_the_heap_once_after_its_first_call(monkeypatch):
+    from ibot_keras import backend_specific
+
+    trims = []
+    monkeypatch.setattr(backend_specific, "_malloc_trim", lambda: trims.append(1))
+    model = build_pretrainer(tiny_config(), steps_per_epoch=2)
+    data = stacked(tiny_batch(seed=0), tiny_batch(seed=1))
+    model.fit(data, batch_size=2, epochs=1, verbose=0)  # two steps
+    assert trims == [1]
+    model.fit(data, batch_size=2, epochs=1, verbose=0)  # the same train function again
+    assert trims == [1]
+
+
 _HOST_MEMORY_SCRIPT = r"""
 import ctypes, json, os
 import keras

@@ -176,8 +176,11 @@ def run_one(config_name, steps, warmup, jit_compile, policy=None, remat=False):
     usage = resource.getrusage(resource.RUSAGE_SELF)
     per_step = lambda field: (getattr(usage, field) - getattr(usage_before, field)) / max(len(times), 1)  # noqa: E731
     median = statistics.median(times)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     steady_peak_mb = _vm_hwm_mb()
+    # Linux's ru_maxrss follows VmHWM, which the reset above cleared: the whole run's peak is
+    # the larger of the warm-up's and the timed steps' high-water marks.
+    peak_rss_mb = max(filter(None, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                                    compile_peak_mb, steady_peak_mb)))
     return {
         "backend": backend,
         "config": config_name,

@@ -269,12 +269,53 @@ def keep_freed_host_memory():
     return _HOST_MEMORY_KEPT
 
 
+_MALLOC_TRIM = None
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim(0)``: return the heap's free pages to the system (no-op elsewhere)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = _glibc_function("malloc_trim") or False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+def _trimming_after_first_call(function):
+    """``function`` (a TensorFlow train function), which after its first call (the tracing and
+    the first run of the step) collects garbage and hands glibc's free heap back to the system.
+
+    What tracing freed stays in glibc's heap, in pieces too small for the step's large tensors,
+    so without it the later steps grow the process further (baseline-cpu with ``remat``: peak
+    RSS ~2.45-2.67 GB, ~2.35 GB with it; figures in benchmarks/RESULTS.md)."""
+    import functools
+    import gc
+
+    calls = [0]
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 1:
+            gc.collect()
+            _malloc_trim()
+        return result
+
+    return run
+
+
 class _KeepsFreedHostMemory:
-    """``make_train_function`` that first calls ``keep_freed_host_memory()`` (torch, TF)."""
+    """``make_train_function`` that first calls ``keep_freed_host_memory()`` (torch, TF); on
+    TensorFlow the train function also trims the heap after its first call."""
 
     def make_train_function(self, force=False):
         keep_freed_host_memory()
-        return super().make_train_function(force)
+        before = self.train_function
+        super().make_train_function(force)
+        if _BACKEND == "tensorflow" and self.train_function is not None and self.train_function is not before:
+            self.train_function = _trimming_after_first_call(self.train_function)
+        return self.train_function
 
 
 def _pre_step_values(model):
@@ -284,16 +325,6 @@ def _pre_step_values(model):
 
 
 if _BACKEND == "jax":
-
-    _MALLOC_TRIM = None
-
-    def _malloc_trim():
-        """glibc's ``malloc_trim(0)``: return the heap's free pages to the system (no-op elsewhere)."""
-        global _MALLOC_TRIM
-        if _MALLOC_TRIM is None:
-            _MALLOC_TRIM = _glibc_function("malloc_trim") or False
-        if _MALLOC_TRIM:
-            _MALLOC_TRIM(0)
 
     # JAX records this event as each XLA compilation ends (``jax._src.dispatch``); a JAX that
     # renamed it would only stop the trimming.
