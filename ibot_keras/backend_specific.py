@@ -55,7 +55,8 @@
    glibc maps every block over 32 MB afresh and unmaps it when freed, so each of the step's
    large tensors (the patch loss's are 51 MB) costs its page faults again every step. Measured
    at the CPU baseline: torch +5-10%, TensorFlow +3% (benchmarks/RESULTS.md). JAX gained
-   nothing and is left as it is.
+   nothing and is left as it is. On TensorFlow the train function also trims glibc's heap
+   once, after its first call (``_trimming_after_first_call``: what tracing freed).
 12. ``multi_tensor_ema``: on torch, the teacher EMA of every variable pair in two
    ``torch._foreach_*`` ops (one ``where``, two products, a sum and an assignment per variable
    otherwise); JAX and TensorFlow compile the per-variable form into the step.
@@ -287,7 +288,7 @@ def _trimming_after_first_call(function):
 
     What tracing freed stays in glibc's heap, in pieces too small for the step's large tensors,
     so without it the later steps grow the process further (baseline-cpu with ``remat``: peak
-    RSS ~2.45-2.67 GB, ~2.35 GB with it; figures in benchmarks/RESULTS.md)."""
+    RSS 2.55-2.71 GB, 2.35-2.40 GB with it; figures in benchmarks/RESULTS.md)."""
     import functools
     import gc
 
